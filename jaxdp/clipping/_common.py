@@ -1,0 +1,78 @@
+"""Pieces shared by the clipping engines: the per-example loss contract and clip statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# loss_fn(params, example, rng) -> loss, or (loss, aux) when has_aux.
+PerExampleLoss = Callable[[PyTree, PyTree, jax.Array], Any]
+
+
+class ClippedSum(NamedTuple):
+  """What a clipping engine returns for one (physical) batch.
+
+  Attributes:
+    sum_of_clipped_grads: sum over real examples of the clipped per-example gradients,
+      a pytree shaped like ``params``; padding rows contribute exactly zero.
+    per_example_norms: (B,) L2 norm of each example's unclipped gradient (0 for padding).
+    clip_factors: (B,) the factor min(1, C / norm) applied to each example (0 for padding).
+    losses: (B,) per-example losses (0 for padding).
+    aux: per-example auxiliary outputs stacked on a leading axis (None without has_aux).
+  """
+
+  sum_of_clipped_grads: PyTree
+  per_example_norms: jax.Array
+  clip_factors: jax.Array
+  losses: jax.Array
+  aux: PyTree
+
+
+def split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  """Splits a per-example loss output into (scalar loss, aux)."""
+  if has_aux:
+    loss, aux = out
+  else:
+    loss, aux = out, None
+  loss = jnp.asarray(loss)
+  if loss.shape != ():
+    raise ValueError(f"loss_fn must return a scalar loss for ONE example, got shape {loss.shape}")
+  return loss, aux
+
+
+def clip_factors(norms: jax.Array, l2_norm_clip: float, mask: jax.Array) -> jax.Array:
+  """min(1, C / ||g_i||) for real rows and exactly 0 for padding rows.
+
+  The ratio is formed as C / max(norm, C) so that a zero or NaN norm on a padding row can
+  never turn into an inf or NaN that survives the mask.
+  """
+  safe = jnp.where(mask, norms, 0.0)
+  factors = l2_norm_clip / jnp.maximum(safe, l2_norm_clip)
+  return jnp.where(mask, factors, 0.0)
+
+
+def global_norms(squared_norms: list[jax.Array]) -> jax.Array:
+  """Per-example global L2 norm from a list of (B,) squared per-layer norms."""
+  return jnp.sqrt(sum(squared_norms))
+
+
+def tree_masked_weighted_sum(per_example: PyTree, weights: jax.Array) -> PyTree:
+  """sum_i weights[i] * per_example[i] over the leading axis; rows with weight 0 add exactly 0.
+
+  ``jnp.where`` (not a product alone) keeps NaN or inf in a padding row out of the sum.
+  """
+
+  def one(g: jax.Array) -> jax.Array:
+    w = weights.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+    return jnp.sum(jnp.where(w != 0, g * w, 0), axis=0)
+
+  return jax.tree_util.tree_map(one, per_example)
+
+
+def stack_rngs(rng: jax.Array, batch_size: int) -> jax.Array:
+  """One independent key per example of the physical batch."""
+  return jax.random.split(rng, batch_size)

@@ -1,0 +1,510 @@
+"""The fast per-layer clipping engine: per-example norms without per-example gradients.
+
+For a layer ``y = a W (+ b)`` applied at T positions of one example (a Dense layer on a
+sequence, or a convolution on its im2col patches), the example's weight gradient is
+``G_W = sum_t a_t^T g_t`` where ``g_t = d loss / d y_t``. Its squared Frobenius norm is
+
+    ||G_W||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)             (ghost norm, O(T^2 (d + p)))
+              = ||einsum('td,tp->dp', a, g)||^2              (materialised, O(T d p))
+
+and for T = 1 simply ||a||^2 ||g||^2. The engine takes whichever is cheaper (ghost when
+2 T^2 <= d p). The bias gradient is ``sum_t g_t``.
+
+One batched forward pass, run under ``flax.linen.intercept_methods``, records every
+parameterised leaf layer's input ``a`` and adds a zero "perturbation" to its output; the
+gradient of the summed loss with respect to those perturbations is, row by row, each
+example's output gradient ``g`` (the loss of example i depends only on row i). From ``a`` and
+``g`` the engine forms the per-example norms, the clip factors ``c_i = min(1, C/||G_i||)``,
+and the clipped sum by book-keeping, ``sum_i c_i G_{W,i} = einsum('btd,btp->dp', a, c g)``,
+without a second backward pass.
+
+Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, layers called more than once,
+e.g. a critic that sees a real and a fake input) fall back to per-example gradients for that
+layer only: ``vmap`` over examples of the layer's own VJP at the recorded ``(a_i, g_i)``.
+Parameters used outside any recorded layer call (a ``self.param`` in a custom module, tied
+weights used through another method) fall back to ``vmap(grad)`` for those parameters only.
+Whether a parameter is used outside the recorded calls is decided from the traced program,
+not assumed: see ``_leaked_leaves``.
+
+References:
+  Goodfellow, "Efficient per-example gradient computations", 2015, arXiv:1510.01799.
+  Li, Tramer, Liang, Hashimoto, "Large language models can be strong differentially private
+  learners" (ghost clipping), ICLR 2022, arXiv:2110.05679.
+  Bu, Mao, Xu, "Scalable and efficient training of large convolutional neural networks with
+  differential privacy" (mixed ghost clipping), NeurIPS 2022, arXiv:2205.10683.
+  Bu, Wang, Zha, Karypis, "Differentially private optimization on large model at small cost"
+  (book-keeping), ICML 2023, arXiv:2210.00038.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdp.clipping._common import (
+  ClippedSum,
+  PerExampleLoss,
+  PyTree,
+  clip_factors,
+  split_loss,
+  tree_masked_weighted_sum,
+)
+
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """One call of a parameterised leaf layer, as seen when the loss was traced."""
+
+  module: nn.Module  # unbound clone: ``module.apply({'params': p}, a)`` recomputes the call
+  names: tuple[str, ...]  # the module's parameter names, sorted
+  leaf_ids: tuple[int, ...]  # positions of those parameters among the flattened params leaves
+  in_shape: tuple[int, ...]  # per-example input shape
+  out_shape: tuple[int, ...]
+  out_dtype: Any
+  rule: str  # "dense", "conv" or "vjp"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What the engine found in a loss: the recorded calls and the parameters left to vmap.
+
+  Attributes:
+    calls: recorded leaf-layer calls, in call order (the order the perturbations follow).
+    vmap_leaves: indices of parameter leaves whose per-example gradient is taken by vmap.
+  """
+
+  calls: tuple[_Call, ...]
+  vmap_leaves: tuple[int, ...]
+
+  def summary(self) -> dict[str, int]:
+    """Counts of calls per rule, and the number of parameter leaves on the vmap fallback."""
+    out: dict[str, int] = {}
+    for c in self.calls:
+      out[c.rule] = out.get(c.rule, 0) + 1
+    out["vmap_leaves"] = len(self.vmap_leaves)
+    return out
+
+
+_STATE = threading.local()
+
+
+def _busy() -> bool:
+  return getattr(_STATE, "busy", False)
+
+
+def _own_params(module: nn.Module) -> Mapping[str, Any] | None:
+  """The module's parameters if it is a leaf layer holding only parameters, else None."""
+  try:
+    variables = module.variables
+  except Exception:  # unbound or scope-less modules
+    return None
+  if set(variables.keys()) != {"params"}:
+    return None
+  params = variables["params"]
+  if not params or any(isinstance(v, Mapping) for v in params.values()):
+    return None
+  return params
+
+
+def _is_array(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _conv_rule_ok(m: nn.Conv, kernel_shape: tuple[int, ...]) -> bool:
+  if type(m) is not nn.Conv or m.feature_group_count != 1 or m.mask is not None:
+    return False
+  if m.input_dilation not in (None, 1) and set(np.atleast_1d(m.input_dilation)) != {1}:
+    return False
+  if len(kernel_shape) - 2 not in _SPATIAL:
+    return False
+  return _conv_padding(m.padding, len(kernel_shape) - 2) is not None
+
+
+def _conv_padding(padding: Any, n: int) -> Any:
+  """Flax padding spec as lax takes it, or None where the im2col rule does not apply."""
+  if isinstance(padding, str):
+    return padding.upper() if padding.upper() in ("SAME", "VALID") else None
+  if isinstance(padding, int):
+    return [(padding, padding)] * n
+  try:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  except TypeError:
+    return None
+  return pads if len(pads) == n and all(len(p) == 2 for p in pads) else None
+
+
+def _rule(module: nn.Module, params: Mapping[str, Any]) -> str:
+  names = set(params)
+  if type(module) is nn.Dense and names <= {"kernel", "bias"} and params["kernel"].ndim == 2:
+    return "dense"
+  conv_ok = isinstance(module, nn.Conv) and names <= {"kernel", "bias"}
+  if conv_ok and _conv_rule_ok(module, tuple(params["kernel"].shape)):
+    return "conv"
+  return "vjp"
+
+
+def _leaf_call(ctx: Any, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
+  """The params of a call the engine records, or None for a call it leaves alone."""
+  if _busy() or ctx.method_name != "__call__" or kwargs or len(args) != 1:
+    return None
+  if not _is_array(args[0]):
+    return None
+  return _own_params(ctx.module)
+
+
+def discover(
+  loss_fn: PerExampleLoss, params: PyTree, example: PyTree, rng: jax.Array, has_aux: bool
+) -> LayerPlan:
+  """Traces ``loss_fn`` for one example and plans how each parameter's norm is computed.
+
+  Args:
+    loss_fn: per-example loss.
+    params: parameters (arrays or ShapeDtypeStructs).
+    example: ONE example (arrays or ShapeDtypeStructs, no batch axis).
+    rng: one key.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    The :class:`LayerPlan`.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  found: list[dict[str, Any]] = []
+
+  def traced(leaves_, ex, key):
+    ids = {id(leaf): i for i, leaf in enumerate(leaves_)}
+
+    def interceptor(next_fun, args, kwargs, ctx):
+      own = _leaf_call(ctx, args, kwargs)
+      if own is None:
+        return next_fun(*args, **kwargs)
+      names = tuple(sorted(own))
+      leaf_ids = tuple(ids.get(id(own[n]), -1) for n in names)
+      y = next_fun(*args, **kwargs)
+      if -1 in leaf_ids or not _is_array(y):
+        return y  # parameters derived inside the loss, or a tuple output: left to vmap
+      found.append(
+        dict(
+          module=ctx.module.clone(parent=None),
+          names=names,
+          leaf_ids=leaf_ids,
+          in_shape=tuple(args[0].shape),
+          out_shape=tuple(y.shape),
+          out_dtype=y.dtype,
+          rule=_rule(ctx.module, own),
+        )
+      )
+      return y
+
+    with nn.intercept_methods(interceptor):
+      loss, _ = split_loss(
+        loss_fn(jax.tree_util.tree_unflatten(treedef, leaves_), ex, key), has_aux
+      )
+    return loss
+
+  abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  leaves_abs = [abstract(x) for x in leaves]
+  jax.make_jaxpr(traced)(leaves_abs, jax.tree_util.tree_map(abstract, example), abstract(rng))
+
+  # A layer called more than once shares its parameters between calls: the exact norm needs
+  # the cross terms, so every call of it goes to the per-layer vjp rule.
+  uses: dict[tuple[int, ...], int] = {}
+  for f in found:
+    uses[f["leaf_ids"]] = uses.get(f["leaf_ids"], 0) + 1
+  calls = [_Call(**{**f, "rule": f["rule"] if uses[f["leaf_ids"]] == 1 else "vjp"}) for f in found]
+  # Two different layer objects sharing a parameter leaf are not expected; route them to vmap.
+  owner: dict[int, tuple[int, ...]] = {}
+  clash: set[int] = set()
+  for c in calls:
+    for i in c.leaf_ids:
+      if owner.setdefault(i, c.leaf_ids) != c.leaf_ids:
+        clash.add(i)
+  calls = [c for c in calls if not clash.intersection(c.leaf_ids)]
+
+  covered = sorted({i for c in calls for i in c.leaf_ids})
+  leaked = _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, covered)
+  if leaked:
+    calls = [c for c in calls if not leaked.intersection(c.leaf_ids)]
+    covered = sorted({i for c in calls for i in c.leaf_ids})
+  rest = tuple(i for i in range(len(leaves)) if i not in set(covered))
+  return LayerPlan(tuple(calls), rest)
+
+
+def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, covered) -> set[int]:
+  """Covered leaves whose gradient does not come only from the recorded calls.
+
+  The loss is traced again with every recorded call recomputed from stop-gradient copies of
+  its parameters. A covered leaf's gradient of that loss must then be identically zero; the
+  check is made on the program (dead-code elimination of the gradient jaxpr, then evaluation
+  of what is left, which can only be a constant), so a weight tied to another use cannot slip
+  through. If the check cannot be made, every call is treated as leaked (the vmap path).
+  """
+  if not covered:
+    return set()
+  by_ids = {c.leaf_ids: c for c in calls}
+
+  def detached(leaves_, ex, key):
+    ids = {id(leaf): i for i, leaf in enumerate(leaves_)}
+
+    def interceptor(next_fun, args, kwargs, ctx):
+      own = _leaf_call(ctx, args, kwargs)
+      if own is None:
+        return next_fun(*args, **kwargs)
+      names = tuple(sorted(own))
+      call = by_ids.get(tuple(ids.get(id(own[n]), -1) for n in names))
+      if call is None:
+        return next_fun(*args, **kwargs)
+      frozen = {n: jax.lax.stop_gradient(own[n]) for n in names}
+      _STATE.busy = True
+      try:
+        return call.module.apply({"params": frozen}, args[0])
+      finally:
+        _STATE.busy = False
+
+    with nn.intercept_methods(interceptor):
+      loss, _ = split_loss(
+        loss_fn(jax.tree_util.tree_unflatten(treedef, leaves_), ex, key), has_aux
+      )
+    return loss
+
+  abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  try:
+    from jax._src.interpreters import partial_eval as pe
+
+    closed = jax.make_jaxpr(jax.grad(detached))(
+      leaves_abs, jax.tree_util.tree_map(abstract, example), abstract(rng)
+    )
+    jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+    n_const = len(closed.jaxpr.constvars)
+    leaked = set()
+    for k in covered:
+      used_out = [j == k for j in range(len(jaxpr.outvars))]
+      dced, used_in = pe.dce_jaxpr(jaxpr, used_out)
+      if any(used_in[n_const:]):
+        leaked.add(k)
+        continue
+      consts = [c for c, u in zip(closed.consts, used_in[:n_const], strict=True) if u]
+      with jax.ensure_compile_time_eval():  # we may be inside an outer jit trace
+        (value,) = jax.core.eval_jaxpr(dced, [], *consts)
+      if np.any(np.asarray(value) != 0):
+        leaked.add(k)
+    return leaked
+  except Exception as e:  # pragma: no cover - depends on JAX internals
+    msg = f"jaxdp fast engine: could not verify layer coverage ({e}); using vmap."
+    warnings.warn(msg, stacklevel=2)
+    return set(covered)
+
+
+def _conv_patches(call: _Call, a: jax.Array) -> jax.Array:
+  """im2col patches of a batched conv input: (B, T, C*prod(k)) in (C, k...) order."""
+  m = call.module
+  kshape = tuple(int(k) for k in np.atleast_1d(m.kernel_size))
+  n = len(kshape)
+  tup = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+  b = a.shape[0]
+  # Fold the example's own leading axes (e.g. the batch-of-one idiom) into the batch.
+  x = a.reshape((-1, *a.shape[a.ndim - n - 1 :]))
+  sp = _SPATIAL[n]
+  patches = jax.lax.conv_general_dilated_patches(
+    x,
+    kshape,
+    tup(m.strides),
+    _conv_padding(m.padding, n),
+    rhs_dilation=tup(m.kernel_dilation),
+    dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
+  )
+  return patches.reshape(b, -1, patches.shape[-1])
+
+
+def _as_rows(a: jax.Array, g: jax.Array, call: _Call) -> tuple[jax.Array, jax.Array]:
+  """(B, T, d) inputs and (B, T, p) output gradients of a dense or conv call."""
+  b = g.shape[0]
+  p = g.shape[-1]
+  g_rows = g.reshape(b, -1, p)
+  a_rows = a.reshape(b, -1, a.shape[-1]) if call.rule == "dense" else _conv_patches(call, a)
+  return a_rows, g_rows
+
+
+def _sq_norm_outer(a_rows: jax.Array, g_rows: jax.Array) -> jax.Array:
+  """Per-example ||sum_t a_t^T g_t||_F^2, by the cheaper of the ghost and materialised forms."""
+  _, t, d = a_rows.shape
+  p = g_rows.shape[-1]
+  if t == 1:
+    return jnp.sum(jnp.square(a_rows), axis=(1, 2)) * jnp.sum(jnp.square(g_rows), axis=(1, 2))
+  if 2 * t * t <= d * p:
+    aa = jnp.einsum("btd,bsd->bts", a_rows, a_rows)
+    gg = jnp.einsum("btp,bsp->bts", g_rows, g_rows)
+    return jnp.sum(aa * gg, axis=(1, 2))
+  return jnp.sum(jnp.square(jnp.einsum("btd,btp->bdp", a_rows, g_rows)), axis=(1, 2))
+
+
+def _kernel_from_rows(call: _Call, summed: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
+  """(d, p) weight gradient in row form back to the kernel's own layout."""
+  if call.rule == "dense":
+    return summed
+  n = len(kernel_shape) - 2
+  cin = kernel_shape[-2]
+  # Patch features are ordered (C_in, k_1..k_n); the kernel is (k_1..k_n, C_in, C_out).
+  x = summed.reshape((cin, *kernel_shape[:n], kernel_shape[-1]))
+  return jnp.moveaxis(x, 0, n)
+
+
+def clipped_sum(
+  loss_fn: PerExampleLoss,
+  params: PyTree,
+  batch: PyTree,
+  mask: jax.Array,
+  rngs: jax.Array,
+  l2_norm_clip: float,
+  *,
+  has_aux: bool = False,
+  plan: LayerPlan | None = None,
+) -> ClippedSum:
+  """Sum of per-example clipped gradients by the fast per-layer engine.
+
+  Same contract and same numbers (up to float rounding) as
+  :func:`jaxdp.clipping.reference.clipped_sum` with a float ``l2_norm_clip``.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, rng)`` for ONE example; its model must be Flax
+      modules called inside it (any Flax model works; Dense and Conv layers get the fast rules).
+    params: parameters.
+    batch: pytree of (B, ...) arrays.
+    mask: (B,) bool, False on padding rows.
+    rngs: (B,) per-example keys.
+    l2_norm_clip: the global clipping bound C > 0.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    plan: a plan from :func:`discover`; traced here when None.
+
+  Returns:
+    A :class:`ClippedSum`.
+
+  Formal guarantees:
+    For every real row i the contribution is ``c_i G_i`` with ``c_i = min(1, C/||G_i||)``,
+    ``||G_i||`` the exact global norm of the example's full gradient (every parameter leaf is
+    counted, by a layer rule, the per-layer vjp, or vmap), so it has L2 norm <= C; padding
+    rows contribute exactly zero, even if their loss is NaN.
+  """
+  mask = mask.astype(bool)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  b = mask.shape[0]
+  if plan is None:
+    first = lambda x: x[0]
+    plan = discover(loss_fn, params, jax.tree_util.tree_map(first, batch), rngs[0], has_aux)
+  calls = plan.calls
+  rest = plan.vmap_leaves
+
+  def per_example(leaves_, perturbs, rest_leaves, ex, key):
+    full = list(leaves_)
+    for i, leaf in zip(rest, rest_leaves, strict=True):
+      full[i] = leaf
+    inputs: list[jax.Array] = []
+    ids = {id(leaf): i for i, leaf in enumerate(full)}
+    seen = {c.leaf_ids: 0 for c in calls}
+    order: dict[tuple[int, ...], list[int]] = {}
+    for k, c in enumerate(calls):
+      order.setdefault(c.leaf_ids, []).append(k)
+
+    def interceptor(next_fun, args, kwargs, ctx):
+      own = _leaf_call(ctx, args, kwargs)
+      if own is None:
+        return next_fun(*args, **kwargs)
+      key_ids = tuple(ids.get(id(own[n]), -1) for n in sorted(own))
+      if key_ids not in seen:
+        return next_fun(*args, **kwargs)
+      k = order[key_ids][seen[key_ids]]
+      seen[key_ids] += 1
+      inputs.append((k, args[0]))
+      return next_fun(*args, **kwargs) + perturbs[k]
+
+    with nn.intercept_methods(interceptor):
+      loss, aux = split_loss(loss_fn(jax.tree_util.tree_unflatten(treedef, full), ex, key), has_aux)
+    if len(inputs) != len(calls):
+      raise RuntimeError("jaxdp fast engine: the loss made different layer calls than traced")
+    inputs_sorted = tuple(a for _, a in sorted(inputs, key=lambda t: t[0]))
+    return loss, (inputs_sorted, aux)
+
+  def total(perturbs, rest_copies):
+    losses, (inputs, aux) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0))(
+      leaves, perturbs, rest_copies, batch, rngs
+    )
+    return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, inputs, aux)
+
+  perturbs = tuple(jnp.zeros((b, *c.out_shape), c.out_dtype) for c in calls)
+  # Parameters on the vmap fallback enter as per-example copies: the gradient of the summed
+  # loss with respect to copy i is example i's gradient.
+  rest_copies = tuple(jnp.broadcast_to(leaves[i], (b, *np.shape(leaves[i]))) for i in rest)
+  (out_grads, rest_grads), (losses, inputs, aux) = jax.grad(total, argnums=(0, 1), has_aux=True)(
+    perturbs, rest_copies
+  )
+
+  row = lambda x: mask.reshape((-1,) + (1,) * (x.ndim - 1))
+  zero_pad = lambda x: jnp.where(row(x), x, jnp.zeros((), x.dtype))
+  inputs = [zero_pad(a) if jnp.issubdtype(a.dtype, jnp.inexact) else a for a in inputs]
+  out_grads = [zero_pad(g) for g in out_grads]
+  rest_grads = [zero_pad(g) for g in rest_grads]
+
+  sq_norms = jnp.zeros((b,), jnp.float32)
+  rows: dict[int, tuple[jax.Array, jax.Array]] = {}
+  vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
+  for k, c in enumerate(calls):
+    a, g = inputs[k], out_grads[k]
+    if c.rule in ("dense", "conv"):
+      a_rows, g_rows = _as_rows(a, g, c)
+      rows[k] = (a_rows, g_rows)
+      sq = _sq_norm_outer(a_rows, g_rows)
+      if "bias" in c.names:
+        sq = sq + jnp.sum(jnp.square(jnp.sum(g_rows, axis=1)), axis=1)
+      sq_norms = sq_norms + sq
+    else:
+      own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
+
+      def one(a_i, g_i, module=c.module, own=own):
+        _, vjp = jax.vjp(lambda p: module.apply({"params": p}, a_i), own)
+        return vjp(g_i)[0]
+
+      per_ex = jax.vmap(one)(a, g)
+      acc = vjp_grads.get(c.leaf_ids)
+      vjp_grads[c.leaf_ids] = (
+        per_ex if acc is None else jax.tree_util.tree_map(jnp.add, acc, per_ex)
+      )
+  for per_ex in vjp_grads.values():
+    sq_norms = sq_norms + sum(
+      jnp.sum(jnp.square(x).reshape(b, -1), axis=1) for x in jax.tree_util.tree_leaves(per_ex)
+    )
+  for g in rest_grads:
+    sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(b, -1), axis=1)
+
+  norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
+  factors = clip_factors(norms, l2_norm_clip, mask)
+
+  out: list[jax.Array | None] = [None] * len(leaves)
+  for k, (a_rows, g_rows) in rows.items():
+    c = calls[k]
+    scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
+    named = dict(zip(c.names, c.leaf_ids, strict=True))
+    kernel = jnp.einsum("btd,btp->dp", a_rows, scaled)
+    out[named["kernel"]] = _kernel_from_rows(c, kernel, np.shape(leaves[named["kernel"]]))
+    if "bias" in named:
+      out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
+  for leaf_ids, per_ex in vjp_grads.items():
+    summed = tree_masked_weighted_sum(per_ex, factors)
+    for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
+      out[i] = summed[n]
+  for i, g in zip(rest, rest_grads, strict=True):
+    out[i] = tree_masked_weighted_sum(g, factors)
+  out = [
+    jnp.zeros_like(leaf) if o is None else o.astype(leaf.dtype)
+    for o, leaf in zip(out, leaves, strict=True)
+  ]
+  losses = jnp.where(mask, losses, 0.0)
+  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)

@@ -1,0 +1,301 @@
+"""The one training step every jaxdp model uses, private or not.
+
+``make_step(loss_fn, optimizer, privacy, expected_batch_size=...)`` returns a :class:`Step`.
+Calling it runs, inside one ``jax.jit``:
+
+    batch      = data[indices]                         (gathered on the device)
+    G          = sum_i mask_i * clip_C(grad loss(params, x_i, rng_i))
+    g          = (G + N(0, (sigma C)^2 I)) / B_expected
+    params'    = optax update(g)
+
+and with ``privacy=None`` the plain mean gradient over the real rows instead. One key in the
+state is split every step into the per-example keys and the noise key, so noise is never
+reused. The step compiles once per physical batch shape; a Poisson draw larger than the
+physical batch is split over several physical batches whose clipped sums are accumulated
+before the noise is added once (:meth:`Step.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdp import _validate
+from jaxdp.clipping import fast, reference
+from jaxdp.clipping._common import ClippedSum, PerExampleLoss, split_loss
+from jaxdp.noise import privatize
+
+PyTree = Any
+ENGINES = ("auto", "fast", "reference")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPConfig:
+  """The privacy settings of the step.
+
+  Attributes:
+    l2_norm_clip: clipping bound C > 0 on each example's global gradient norm, or a pytree
+      of bounds that is a prefix of the params (per-layer clipping; sensitivity
+      sqrt(sum C_k^2)).
+    noise_multiplier: sigma >= 0; the noise std on the summed gradient is sigma * sensitivity.
+    engine: "auto" (fast engine for global clipping, reference for per-layer), "fast" or
+      "reference" (``vmap(grad)``).
+  """
+
+  l2_norm_clip: float | PyTree
+  noise_multiplier: float
+  engine: str = "auto"
+
+  def __post_init__(self) -> None:
+    for c in jax.tree_util.tree_leaves(self.l2_norm_clip):
+      _validate.positive("l2_norm_clip", c)
+    if not jax.tree_util.tree_leaves(self.l2_norm_clip):
+      raise ValueError("l2_norm_clip must be a number > 0 or a non-empty pytree of them")
+    _validate.non_negative("noise_multiplier", self.noise_multiplier)
+    _validate.one_of("engine", self.engine, ENGINES)
+    if self.engine == "fast" and not self.global_clipping:
+      raise ValueError("engine='fast' supports a single float l2_norm_clip; use 'reference'")
+
+  @property
+  def global_clipping(self) -> bool:
+    """True when one bound applies to the whole gradient."""
+    return isinstance(self.l2_norm_clip, (int, float))
+
+  @property
+  def resolved_engine(self) -> str:
+    """The engine the step runs: 'fast' or 'reference'."""
+    if self.engine == "auto":
+      return "fast" if self.global_clipping else "reference"
+    return self.engine
+
+
+class TrainState(NamedTuple):
+  """Explicit training state: step count, params, optimiser state and the PRNG key."""
+
+  step: jax.Array
+  params: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def init_state(
+  params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+  """A fresh :class:`TrainState`; ``rng`` seeds every per-example key and all the noise."""
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def _gather(data: PyTree, indices: jax.Array) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
+
+
+def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
+  n = jnp.sum(mask)
+  denom = jnp.maximum(n, 1)
+  out = {"loss": jnp.sum(cs.losses) / denom, "batch_size": n}
+  if private:
+    norms = cs.per_example_norms
+    out["grad_norm_mean"] = jnp.sum(jnp.where(mask, norms, 0.0)) / denom
+    out["grad_norm_median"] = jnp.nanmedian(jnp.where(mask, norms, jnp.nan))
+    out["clip_fraction"] = jnp.sum(mask & (cs.clip_factors < 1.0)) / denom
+  return out
+
+
+class Step:
+  """A jitted DP (or plain) training step; build it with :func:`make_step`."""
+
+  def __init__(
+    self,
+    loss_fn: PerExampleLoss,
+    optimizer: optax.GradientTransformation,
+    privacy: DPConfig | None,
+    expected_batch_size: float | None,
+    has_aux: bool,
+  ) -> None:
+    self.loss_fn = loss_fn
+    self.optimizer = optimizer
+    self.privacy = privacy
+    self.has_aux = has_aux
+    if privacy is not None:
+      if expected_batch_size is None:
+        raise ValueError(
+          "expected_batch_size is required for a private step (it normalises the noisy sum)"
+        )
+      _validate.positive("expected_batch_size", expected_batch_size)
+    self.expected_batch_size = expected_batch_size
+    self.trace_count = 0  # how many times the fused step was traced (compiled)
+    self._fused = jax.jit(self._fused_impl)
+    self._chunk = jax.jit(self._chunk_impl)
+    self._finish = jax.jit(self._finish_impl)
+
+  @property
+  def engine(self) -> str:
+    """'fast', 'reference', or 'none' for the non-private step."""
+    return "none" if self.privacy is None else self.privacy.resolved_engine
+
+  # -- pieces ---------------------------------------------------------------------------
+
+  def clipped_sum(
+    self, params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array
+  ) -> ClippedSum:
+    """Sum of (clipped, if private) per-example gradients of one physical batch; jittable."""
+    mask = jnp.asarray(mask).astype(bool)
+    rngs = jax.random.split(rng, mask.shape[0])
+    if self.privacy is None:
+      return self._plain_sum(params, batch, mask, rngs)
+    if self.engine == "fast":
+      return fast.clipped_sum(
+        self.loss_fn,
+        params,
+        batch,
+        mask,
+        rngs,
+        float(self.privacy.l2_norm_clip),
+        has_aux=self.has_aux,
+      )
+    return reference.clipped_sum(
+      self.loss_fn, params, batch, mask, rngs, self.privacy.l2_norm_clip, has_aux=self.has_aux
+    )
+
+  def _plain_sum(self, params, batch, mask, rngs) -> ClippedSum:
+    def total(p):
+      out = jax.vmap(
+        lambda ex, r: split_loss(self.loss_fn(p, ex, r), self.has_aux), in_axes=(0, 0)
+      )(batch, rngs)
+      losses, aux = out
+      losses = jnp.where(mask, losses, 0.0)
+      return jnp.sum(losses), (losses, aux)
+
+    grads, (losses, aux) = jax.grad(total, has_aux=True)(params)
+    ones = mask.astype(jnp.float32)
+    return ClippedSum(grads, jnp.zeros_like(ones), ones, losses, aux)
+
+  def _update(self, state: TrainState, summed: PyTree, n_real: jax.Array, noise_key: jax.Array):
+    if self.privacy is None:
+      grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(n_real, 1), summed)
+    else:
+      grads = privatize(
+        summed,
+        noise_key,
+        l2_norm_clip=self.privacy.l2_norm_clip,
+        noise_multiplier=self.privacy.noise_multiplier,
+        normalizer=float(self.expected_batch_size),
+      )
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return params, opt_state
+
+  def _keys(self, state: TrainState):
+    rng, example_key, noise_key = jax.random.split(state.rng, 3)
+    return rng, example_key, noise_key
+
+  def _fused_impl(self, state, data, indices, mask):
+    self.trace_count += 1
+    rng, example_key, noise_key = self._keys(state)
+    mask = jnp.asarray(mask).astype(bool)
+    cs = self.clipped_sum(
+      state.params, _gather(data, indices), mask, jax.random.fold_in(example_key, 0)
+    )
+    params, opt_state = self._update(state, cs.sum_of_clipped_grads, jnp.sum(mask), noise_key)
+    metrics = _batch_stats(cs, mask, self.privacy is not None)
+    if self.has_aux:
+      metrics["aux"] = cs.aux
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  def _chunk_impl(self, state, data, indices, mask, chunk):
+    _, example_key, _ = self._keys(state)
+    mask = jnp.asarray(mask).astype(bool)
+    cs = self.clipped_sum(
+      state.params, _gather(data, indices), mask, jax.random.fold_in(example_key, chunk)
+    )
+    return cs.sum_of_clipped_grads, _batch_stats(cs, mask, self.privacy is not None)
+
+  def _finish_impl(self, state, summed, n_real):
+    rng, _, noise_key = self._keys(state)
+    params, opt_state = self._update(state, summed, n_real, noise_key)
+    return TrainState(state.step + 1, params, opt_state, rng)
+
+  # -- public calls ---------------------------------------------------------------------
+
+  def __call__(
+    self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step on one physical batch ``data[indices]`` with padding ``mask``.
+
+    Args:
+      state: the :class:`TrainState`.
+      data: pytree of arrays with a leading example axis (the whole dataset, on the device).
+      indices: (P,) int indices into ``data``; padding rows may hold any valid index.
+      mask: (P,) bool, False on padding rows.
+
+    Returns:
+      ``(new_state, metrics)``; metrics hold loss, batch_size and, if private,
+      grad_norm_mean, grad_norm_median and clip_fraction (and ``aux`` with has_aux).
+    """
+    return self._fused(state, data, indices, mask)
+
+  def run(
+    self, state: TrainState, data: PyTree, batches: Sequence[tuple[np.ndarray, np.ndarray]]
+  ) -> tuple[TrainState, dict[str, Any]]:
+    """One logical step over one or more physical batches (gradient accumulation).
+
+    The clipped sums of all physical batches are added before the noise is drawn once,
+    so the step is the same mechanism as one big batch and is accounted as one step.
+    """
+    if len(batches) == 1:
+      return self(state, data, *batches[0])
+    summed, stats = None, []
+    for chunk, (indices, mask) in enumerate(batches):
+      part, st = self._chunk(state, data, indices, mask, chunk)
+      summed = part if summed is None else jax.tree_util.tree_map(jnp.add, summed, part)
+      stats.append(st)
+    n_real = sum(st["batch_size"] for st in stats)
+    new_state = self._finish(state, summed, n_real)
+    w = np.array([float(st["batch_size"]) for st in stats])
+    total = max(w.sum(), 1.0)
+    metrics: dict[str, Any] = {"batch_size": n_real}
+    for k in stats[0]:
+      if k != "batch_size":
+        metrics[k] = float(sum(float(st[k]) * wi for st, wi in zip(stats, w, strict=True)) / total)
+    return new_state, metrics
+
+
+def make_step(
+  loss_fn: PerExampleLoss,
+  optimizer: optax.GradientTransformation,
+  privacy: DPConfig | None,
+  *,
+  expected_batch_size: float | None = None,
+  has_aux: bool = False,
+) -> Step:
+  """Builds the one jitted training step.
+
+  Args:
+    loss_fn: ``loss_fn(params, example, rng) -> loss`` (or ``(loss, aux)``) for ONE
+      example. It must not couple examples (no BatchNorm, no batch means).
+    optimizer: any optax transformation (SGD, momentum, Adam, ...).
+    privacy: a :class:`DPConfig`, or None for the non-private step (same code path, no
+      clipping and no noise; the gradient is the mean over the real rows).
+    expected_batch_size: the public normaliser of the noisy sum: q*N for Poisson sampling,
+      the fixed batch size for fixed batches. Required when private.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
+
+  Returns:
+    A :class:`Step`: ``step(state, data, indices, mask)`` or ``step.run(state, data, batches)``.
+
+  Formal guarantees:
+    The update of a private step depends on the batch only through the clipped sum, whose
+    sensitivity to adding or removing one example is ``l2_norm_clip``; the noise has std
+    ``noise_multiplier * l2_norm_clip`` on every coordinate and a fresh key every step.
+
+  Example:
+    >>> step = make_step(loss_fn, optax.sgd(0.1), DPConfig(l2_norm_clip=1.0,
+    ...                  noise_multiplier=1.1), expected_batch_size=256)  # doctest: +SKIP
+  """
+  return Step(loss_fn, optimizer, privacy, expected_batch_size, has_aux)

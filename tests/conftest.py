@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models and batches; everything offline and small."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
+
+class TinyCNN(nn.Module):
+  """Two convs (one SAME strided, one VALID) and a dense head on 12x12 inputs."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2, padding="SAME")(x))
+    x = jnp.tanh(nn.Conv(6, (3, 3), padding="VALID")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(5)(x)
+
+
+class TinyMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(5)(x)
+
+
+class TinyGroupNorm(nn.Module):
+  """Conv + GroupNorm + a custom self.param: exercises the per-layer vjp and vmap fallbacks."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.GroupNorm(num_groups=2)(x)
+    scale = self.param("scale", nn.initializers.ones, (4,))
+    x = jnp.tanh(x * scale)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(5)(x)
+
+
+class TiedDense(nn.Module):
+  """The same Dense called twice (weight sharing): the per-layer vjp must add both uses."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)[:, :8]
+    d = nn.Dense(8)
+    x = jnp.tanh(d(jnp.tanh(d(x))))
+    return nn.Dense(5)(x)
+
+
+MODELS = {"cnn": TinyCNN, "mlp": TinyMLP, "groupnorm": TinyGroupNorm, "tied": TiedDense}
+
+
+def make_problem(name: str, batch_size: int = 12, seed: int = 0):
+  """(loss_fn, params, batch) for a tiny model with 5 classes on 12x12x1 inputs."""
+  model = MODELS[name]()
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  images = jax.random.normal(k1, (batch_size, 12, 12, 1))
+  # Scale some examples up so that some gradients are above and some below the bound.
+  images = images * jnp.linspace(0.1, 3.0, batch_size)[:, None, None, None]
+  labels = jax.random.randint(k2, (batch_size,), 0, 5)
+  params = model.init(k3, images[:1])["params"]
+
+  def loss_fn(p, ex, rng):
+    del rng
+    logits = model.apply({"params": p}, ex["image"][None])[0]
+    logz = jax.nn.logsumexp(logits)
+    return logz - logits[ex["label"]]
+
+  return loss_fn, params, {"image": images, "label": labels}
+
+
+@pytest.fixture
+def problem():
+  return make_problem

@@ -1,0 +1,147 @@
+"""The clipped sum: vmap engine against a Python loop, fast engine against the vmap engine."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_problem
+
+from jaxdp.clipping import fast, reference
+
+CLIP = 3.0
+
+
+def loop_clipped_sum(loss_fn, params, batch, mask, rngs, clip):
+  """The definition, one example at a time in plain Python."""
+  total = jax.tree_util.tree_map(jnp.zeros_like, params)
+  norms = []
+  for i in range(len(mask)):
+    ex = jax.tree_util.tree_map(lambda x, i=i: x[i], batch)
+    g = jax.grad(loss_fn)(params, ex, rngs[i])
+    norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g))))
+    norms.append(norm if mask[i] else 0.0)
+    if mask[i]:
+      f = min(1.0, clip / norm)
+      total = jax.tree_util.tree_map(lambda t, x, f=f: t + f * x, total, g)
+  return total, np.array(norms)
+
+
+def assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_reference_equals_python_loop(name):
+  loss_fn, params, batch = make_problem(name)
+  mask = np.array([True] * 10 + [False] * 2)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  want, want_norms = loop_clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  got = reference.clipped_sum(loss_fn, params, batch, jnp.asarray(mask), rngs, CLIP)
+  # Some examples are above the bound and some below: the test exercises both branches.
+  assert (want_norms[mask] > CLIP).any() and (want_norms[mask] < CLIP).any()
+  np.testing.assert_allclose(np.asarray(got.per_example_norms), want_norms, rtol=1e-5, atol=1e-6)
+  assert_trees_close(got.sum_of_clipped_grads, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied"])
+def test_fast_equals_reference(name):
+  loss_fn, params, batch = make_problem(name)
+  mask = jnp.array([True] * 9 + [False] * 3)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  ref = jax.jit(lambda p: reference.clipped_sum(loss_fn, p, batch, mask, rngs, CLIP))(params)
+  got = jax.jit(lambda p: fast.clipped_sum(loss_fn, p, batch, mask, rngs, CLIP))(params)
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.clip_factors, ref.clip_factors, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-5, atol=1e-6)
+  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
+
+
+def test_fast_engine_plans_the_expected_rules():
+  loss_fn, params, batch = make_problem("cnn")
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary() == {"conv": 2, "dense": 1, "vmap_leaves": 0}
+  loss_fn, params, batch = make_problem("groupnorm")
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  # GroupNorm via its own vjp, the custom self.param via vmap.
+  assert plan.summary() == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}
+  loss_fn, params, batch = make_problem("tied")
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary() == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
+
+
+def test_fast_engine_sees_weights_used_outside_layer_calls():
+  """A Dense kernel also used directly in the loss must not be normed from its call alone."""
+  import flax.linen as nn
+
+  class Leaky(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(5)
+      y = d(x.reshape(x.shape[0], -1))
+      return y, d.variables["params"]["kernel"]
+
+  model = Leaky()
+  _, params, batch = make_problem("mlp")
+  params = model.init(jax.random.key(0), batch["image"][:1])["params"]
+
+  def loss_fn(p, ex, rng):
+    y, kernel = model.apply({"params": p}, ex["image"][None])
+    return jnp.sum(y**2) + jnp.sum(kernel**2) * ex["image"].mean()
+
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary()["vmap_leaves"] >= 1
+  mask = jnp.ones(12, bool)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  ref = reference.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  got = fast.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", [reference, fast])
+def test_padding_contributes_exactly_zero_even_when_nan(engine):
+  loss_fn, params, batch = make_problem("cnn")
+  mask = jnp.array([True] * 8 + [False] * 4)
+  # Padding rows whose loss and gradient are NaN.
+  weight = jnp.where(mask, 1.0, -1.0)
+  batch = {**batch, "w": weight}
+  nan_loss = lambda p, ex, r: jnp.sqrt(ex["w"]) * loss_fn(p, ex, r)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  got = jax.jit(lambda p: engine.clipped_sum(nan_loss, p, batch, mask, rngs, CLIP))(params)
+  real = jax.tree_util.tree_map(lambda x: x[:8], batch)
+  want = engine.clipped_sum(nan_loss, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
+  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
+  assert np.all(np.asarray(got.per_example_norms[8:]) == 0)
+  assert np.all(np.asarray(got.clip_factors[8:]) == 0)
+  assert np.all(np.isfinite(np.asarray(got.losses)))
+
+
+@pytest.mark.parametrize("engine", [reference, fast])
+def test_each_contribution_is_bounded(engine):
+  loss_fn, params, batch = make_problem("cnn")
+  rngs = jax.random.split(jax.random.key(1), 12)
+  for i in range(12):
+    one = jnp.zeros(12, bool).at[i].set(True)
+    got = engine.clipped_sum(loss_fn, params, batch, one, rngs, CLIP)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads)))
+    assert float(norm) <= CLIP * (1 + 1e-5)
+
+
+def test_per_layer_clipping_bounds_each_group():
+  loss_fn, params, batch = make_problem("mlp")
+  bounds = {"Dense_0": 0.3, "Dense_1": 0.1}
+  rngs = jax.random.split(jax.random.key(1), 12)
+  for i in range(3):
+    one = jnp.zeros(12, bool).at[i].set(True)
+    got = reference.clipped_sum(loss_fn, params, batch, one, rngs, bounds)
+    for name, c in bounds.items():
+      g = got.sum_of_clipped_grads[name]
+      norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g)))
+      assert float(norm) <= c * (1 + 1e-5)
+      assert float(norm) >= 0.5 * c  # these gradients are large: each group is clipped

@@ -1,0 +1,158 @@
+"""The one step: trains, compiles once, works with any optimiser, and reduces to SGD."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_problem
+
+from jaxdp.sampling import PoissonSampler
+from jaxdp.step import DPConfig, init_state, make_step
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_no_privacy_limit_is_the_plain_mean_gradient(engine):
+  """sigma = 0 and a huge clip: the private step is SGD on the mean over expected size."""
+  loss_fn, params, batch = make_problem("cnn")
+  idx = jnp.arange(12, dtype=jnp.int32)
+  mask = jnp.array([True] * 10 + [False] * 2)
+  priv = make_step(
+    loss_fn,
+    optax.sgd(1.0),
+    DPConfig(l2_norm_clip=1e6, noise_multiplier=0.0, engine=engine),
+    expected_batch_size=10,
+  )
+  plain = make_step(loss_fn, optax.sgd(1.0), None)
+  s0 = init_state(params, optax.sgd(1.0), jax.random.key(0))
+  a, ma = priv(s0, batch, idx, mask)
+  b, mb = plain(s0, batch, idx, mask)
+  real = jax.tree_util.tree_map(lambda x: x[:10], batch)
+  mean_grad = jax.grad(lambda p: jnp.mean(jax.vmap(lambda ex: loss_fn(p, ex, None))(real)))(params)
+  want = flat(params) - flat(mean_grad)
+  np.testing.assert_allclose(flat(a.params), want, atol=1e-5)
+  np.testing.assert_allclose(flat(b.params), want, atol=1e-5)
+  assert float(ma["batch_size"]) == 10 and float(mb["batch_size"]) == 10
+  assert float(ma["clip_fraction"]) == 0.0
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+
+
+def test_step_metrics():
+  loss_fn, params, batch = make_problem("mlp")
+  step = make_step(
+    loss_fn,
+    optax.sgd(0.1),
+    DPConfig(l2_norm_clip=1e-3, noise_multiplier=1.0),
+    expected_batch_size=12,
+  )
+  s = init_state(params, optax.sgd(0.1), jax.random.key(0))
+  mask = jnp.array([True] * 7 + [False] * 5)
+  _, m = step(s, batch, jnp.arange(12), mask)
+  assert float(m["batch_size"]) == 7
+  assert float(m["clip_fraction"]) == 1.0  # tiny clip: every example clipped
+  assert float(m["grad_norm_median"]) > 0 and np.isfinite(float(m["grad_norm_mean"]))
+
+
+def test_compiles_once_per_batch_shape():
+  loss_fn, params, batch = make_problem("mlp", batch_size=40)
+  step = make_step(
+    loss_fn, optax.sgd(0.1), DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0), expected_batch_size=8
+  )
+  sampler = PoissonSampler(40, expected_batch_size=8, physical_batch_size=24, seed=0)
+  s = init_state(params, optax.sgd(0.1), jax.random.key(0))
+  sizes = set()
+  for _ in range(15):
+    (b,) = sampler.sample()
+    sizes.add(int(b.mask.sum()))
+    s, _ = step(s, batch, b.indices, b.mask)
+  assert len(sizes) > 3  # the real batch size varied ...
+  assert step.trace_count == 1  # ... and the step compiled once
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.05), optax.sgd(0.05, momentum=0.9), optax.adam(1e-3)])
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_any_optimizer_and_several_parameter_groups(opt, engine):
+  loss_fn, params, batch = make_problem("groupnorm")
+  assert len(params) >= 3  # conv, groupnorm, dense and a raw parameter
+  step = make_step(
+    loss_fn,
+    opt,
+    DPConfig(l2_norm_clip=1.0, noise_multiplier=0.5, engine=engine),
+    expected_batch_size=12,
+  )
+  s = init_state(params, opt, jax.random.key(0))
+  s2, m = step(s, batch, jnp.arange(12), jnp.ones(12, bool))
+  assert np.all(np.isfinite(flat(s2.params))) and np.isfinite(float(m["loss"]))
+  for k in params:  # every group moved
+    assert not np.allclose(flat(s2.params[k]), flat(params[k]))
+
+
+def test_same_state_same_output_and_fresh_key_each_step():
+  loss_fn, params, batch = make_problem("mlp")
+  step = make_step(
+    loss_fn,
+    optax.sgd(0.1),
+    DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+    expected_batch_size=12,
+  )
+  s = init_state(params, optax.sgd(0.1), jax.random.key(0))
+  a, _ = step(s, batch, jnp.arange(12), jnp.ones(12, bool))
+  b, _ = step(s, batch, jnp.arange(12), jnp.ones(12, bool))
+  np.testing.assert_array_equal(flat(a.params), flat(b.params))
+  assert not np.array_equal(
+    np.asarray(jax.random.key_data(a.rng)), np.asarray(jax.random.key_data(s.rng))
+  )
+
+
+def test_accumulated_physical_batches_equal_one_batch():
+  loss_fn, params, batch = make_problem("cnn")
+  step = make_step(
+    loss_fn,
+    optax.sgd(0.5),
+    DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+    expected_batch_size=10,
+  )
+  s = init_state(params, optax.sgd(0.5), jax.random.key(0))
+  idx = np.arange(12, dtype=np.int32)
+  one, m1 = step.run(s, batch, [(idx, np.ones(12, bool))])
+  halves = [
+    (idx[:6], np.ones(6, bool)),
+    (np.r_[idx[6:], [0, 0]].astype(np.int32), np.array([True] * 6 + [False] * 2)),
+  ]
+  two, m2 = step.run(s, batch, halves)
+  np.testing.assert_allclose(flat(one.params), flat(two.params), atol=1e-6)
+  assert float(m2["batch_size"]) == 12
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(l2_norm_clip=-1.0, noise_multiplier=1.0), "l2_norm_clip"),
+    (dict(l2_norm_clip=0.0, noise_multiplier=1.0), "l2_norm_clip"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=-0.1), "noise_multiplier"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, engine="turbo"), "engine"),
+    (dict(l2_norm_clip={"a": 1.0}, noise_multiplier=1.0, engine="fast"), "fast"),
+  ],
+)
+def test_bad_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    DPConfig(**kwargs)
+
+
+@pytest.mark.parametrize("ebs", [0, -3.0, None])
+def test_bad_expected_batch_size(ebs):
+  loss_fn, _, _ = make_problem("mlp")
+  with pytest.raises(ValueError, match="expected_batch_size"):
+    make_step(
+      loss_fn,
+      optax.sgd(0.1),
+      DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+      expected_batch_size=ebs,
+    )
