@@ -119,6 +119,13 @@ class Dataset:
     """``(H, W, C)``."""
     return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+  def arrays(self) -> dict[str, np.ndarray]:
+    """``{"image": images, "label": labels}``: the layout ``classifier_loss`` reads per example.
+
+    Put it on the device once with ``jax.device_put``; the step gathers batches from it.
+    """
+    return {"image": self.images, "label": self.labels}
+
   def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
     """The examples at ``indices`` (in that order), as a new Dataset.
 

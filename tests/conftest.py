@@ -58,7 +58,28 @@ class TiedDense(nn.Module):
     return nn.Dense(5)(x)
 
 
-MODELS = {"cnn": TinyCNN, "mlp": TinyMLP, "groupnorm": TinyGroupNorm, "tied": TiedDense}
+class SmallMaps(nn.Module):
+  """Small feature maps with many channels, and a Dense over positions (T > 1).
+
+  With per-example materialisation switched off, its second conv and its positional
+  Dense take the ghost-norm rule (2 T^2 <= d p).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(16, (3, 3), strides=3, padding="VALID")(x))  # 4x4x16
+    x = jnp.tanh(nn.Conv(16, (3, 3), padding="VALID", kernel_dilation=1)(x))  # 2x2x16, T=4
+    x = jnp.tanh(nn.Dense(12)(x.reshape(x.shape[0], 4, 16)))  # Dense on T=4 positions
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+MODELS = {
+  "cnn": TinyCNN,
+  "mlp": TinyMLP,
+  "groupnorm": TinyGroupNorm,
+  "tied": TiedDense,
+  "smallmaps": SmallMaps,
+}
 
 
 def make_problem(name: str, batch_size: int = 12, seed: int = 0):

@@ -46,8 +46,11 @@ def test_reference_equals_python_loop(name):
   assert_trees_close(got.sum_of_clipped_grads, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied"])
-def test_fast_equals_reference(name):
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps"])
+def test_fast_equals_reference(name, materialize, monkeypatch):
+  if not materialize:  # force the ghost norm and the book-keeping sum wherever they apply
+    monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 9 + [False] * 3)
   rngs = jax.random.split(jax.random.key(1), 12)
@@ -145,3 +148,11 @@ def test_per_layer_clipping_bounds_each_group():
       norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g)))
       assert float(norm) <= c * (1 + 1e-5)
       assert float(norm) >= 0.5 * c  # these gradients are large: each group is clipped
+
+
+def test_norm_rule_choice(monkeypatch):
+  assert fast._outer_rule(8, 1, 512, 32) == "t1"
+  assert fast._outer_rule(8, 4, 144, 16) == "materialize"  # small enough to keep
+  monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
+  assert fast._outer_rule(8, 4, 144, 16) == "ghost"  # 2 T^2 = 32 <= d p
+  assert fast._outer_rule(8, 196, 64, 16) == "materialize"  # 2 T^2 > d p

@@ -305,57 +305,99 @@ def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, c
 
 
 def _conv_patches(call: _Call, a: jax.Array) -> jax.Array:
-  """im2col patches of a batched conv input: (B, T, C*prod(k)) in (C, k...) order."""
+  """im2col patches of a batched conv input, as (B, T, K, C) with K = prod(kernel_size).
+
+  Built from strided slices of the padded input rather than by
+  ``lax.conv_general_dilated_patches`` (a convolution with a one-hot kernel), which XLA's
+  CPU backend runs slower than the copies it amounts to once there are several channels.
+  Flattened, (K, C) is the kernel's own (HWIO) order, so gradients reshape straight back
+  into kernels.
+  """
   m = call.module
   kshape = tuple(int(k) for k in np.atleast_1d(m.kernel_size))
   n = len(kshape)
   tup = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+  strides, dil = tup(m.strides), tup(m.kernel_dilation)
   b = a.shape[0]
   # Fold the example's own leading axes (e.g. the batch-of-one idiom) into the batch.
   x = a.reshape((-1, *a.shape[a.ndim - n - 1 :]))
-  sp = _SPATIAL[n]
-  patches = jax.lax.conv_general_dilated_patches(
-    x,
-    kshape,
-    tup(m.strides),
-    _conv_padding(m.padding, n),
-    rhs_dilation=tup(m.kernel_dilation),
-    dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
-  )
-  return patches.reshape(b, -1, patches.shape[-1])
+  spatial = x.shape[1:-1]
+  window = tuple((k - 1) * d + 1 for k, d in zip(kshape, dil, strict=True))
+  padding = _conv_padding(m.padding, n)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(spatial, window, strides, padding)
+  if x.shape[-1] == 1:
+    # One input channel: the strided copies are tiny and XLA's patch op (a convolution
+    # with a one-hot kernel) is faster than stacking them.
+    pads = [(int(lo), int(hi)) for lo, hi in padding]
+    patches = jax.lax.conv_general_dilated_patches(
+      x,
+      kshape,
+      strides,
+      pads,
+      rhs_dilation=dil,
+      dimension_numbers=(f"N{_SPATIAL[n]}C", f"{_SPATIAL[n]}IO", f"N{_SPATIAL[n]}C"),
+    )
+    return patches.reshape(b, -1, patches.shape[-1], 1)
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out = [(x.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(n)]
+  slices = []
+  for offsets in np.ndindex(*kshape):
+    idx = tuple(
+      slice(o * dil[i], o * dil[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+      for i, o in enumerate(offsets)
+    )
+    slices.append(x[(slice(None), *idx, slice(None))].reshape(b, -1, x.shape[-1]))
+  return jnp.stack(slices, axis=2)  # (B, T, K, C)
 
 
 def _as_rows(a: jax.Array, g: jax.Array, call: _Call) -> tuple[jax.Array, jax.Array]:
-  """(B, T, d) inputs and (B, T, p) output gradients of a dense or conv call."""
+  """(B, T, K, C) inputs and (B, T, p) output gradients of a dense (K = 1) or conv call."""
   b = g.shape[0]
-  p = g.shape[-1]
-  g_rows = g.reshape(b, -1, p)
-  a_rows = a.reshape(b, -1, a.shape[-1]) if call.rule == "dense" else _conv_patches(call, a)
-  return a_rows, g_rows
-
-
-def _sq_norm_outer(a_rows: jax.Array, g_rows: jax.Array) -> jax.Array:
-  """Per-example ||sum_t a_t^T g_t||_F^2, by the cheaper of the ghost and materialised forms."""
-  _, t, d = a_rows.shape
-  p = g_rows.shape[-1]
-  if t == 1:
-    return jnp.sum(jnp.square(a_rows), axis=(1, 2)) * jnp.sum(jnp.square(g_rows), axis=(1, 2))
-  if 2 * t * t <= d * p:
-    aa = jnp.einsum("btd,bsd->bts", a_rows, a_rows)
-    gg = jnp.einsum("btp,bsp->bts", g_rows, g_rows)
-    return jnp.sum(aa * gg, axis=(1, 2))
-  return jnp.sum(jnp.square(jnp.einsum("btd,btp->bdp", a_rows, g_rows)), axis=(1, 2))
-
-
-def _kernel_from_rows(call: _Call, summed: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
-  """(d, p) weight gradient in row form back to the kernel's own layout."""
+  g_rows = g.reshape(b, -1, g.shape[-1])
   if call.rule == "dense":
-    return summed
-  n = len(kernel_shape) - 2
-  cin = kernel_shape[-2]
-  # Patch features are ordered (C_in, k_1..k_n); the kernel is (k_1..k_n, C_in, C_out).
-  x = summed.reshape((cin, *kernel_shape[:n], kernel_shape[-1]))
-  return jnp.moveaxis(x, 0, n)
+    return a.reshape(b, -1, 1, a.shape[-1]), g_rows
+  return _conv_patches(call, a), g_rows
+
+
+# Per-example weight gradients of a layer are kept (and reused for the clipped sum) while
+# they take at most this many elements for the whole batch.
+MATERIALIZE_ELEMENTS = 1 << 26
+
+
+def _outer_rule(b: int, t: int, d: int, p: int) -> str:
+  """How to get ||sum_t a_t^T g_t||^2: "t1", "materialize" (and reuse) or "ghost".
+
+  Materialising costs B*T*d*p multiply-adds and makes the clipped sum almost free (a
+  weighted sum of the stored gradients); the ghost norm costs B*T^2*(d+p) and leaves the
+  book-keeping sum (another B*T*d*p) to do. So materialise whenever the per-example
+  gradients fit in memory, and otherwise take the cheaper norm (ghost when 2T^2 <= d*p).
+  """
+  if t == 1:
+    return "t1"
+  if b * d * p <= MATERIALIZE_ELEMENTS or 2 * t * t > d * p:
+    return "materialize"
+  return "ghost"
+
+
+def _sq_norm_outer(a4: jax.Array, g_rows: jax.Array, how: str) -> tuple[jax.Array, Any]:
+  """Per-example ||sum_t a_t^T g_t||_F^2, and the (B, p, K*C) per-example gradients if kept."""
+  if how == "t1":
+    sq = jnp.sum(jnp.square(a4), axis=(1, 2, 3)) * jnp.sum(jnp.square(g_rows), axis=(1, 2))
+    return sq, None
+  if how == "ghost":
+    aa = jnp.einsum("btkc,bskc->bts", a4, a4)
+    gg = jnp.einsum("btp,bsp->bts", g_rows, g_rows)
+    return jnp.sum(aa * gg, axis=(1, 2)), None
+  # p leading: XLA's CPU dot runs this output layout about twice as fast as (K, C, p).
+  per_ex = jnp.einsum("btkc,btp->bpkc", a4, g_rows)
+  per_ex = per_ex.reshape(per_ex.shape[0], per_ex.shape[1], -1)
+  return jnp.sum(jnp.square(per_ex), axis=(1, 2)), per_ex
+
+
+def _kernel_from_rows(summed: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
+  """(d, p) weight gradient in row form back to the kernel's own layout (Dense or HWIO)."""
+  return summed.reshape(kernel_shape)
 
 
 def clipped_sum(
@@ -454,14 +496,16 @@ def clipped_sum(
   rest_grads = [zero_pad(g) for g in rest_grads]
 
   sq_norms = jnp.zeros((b,), jnp.float32)
-  rows: dict[int, tuple[jax.Array, jax.Array]] = {}
+  rows: dict[int, tuple[jax.Array, jax.Array, Any]] = {}
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
   for k, c in enumerate(calls):
     a, g = inputs[k], out_grads[k]
     if c.rule in ("dense", "conv"):
       a_rows, g_rows = _as_rows(a, g, c)
-      rows[k] = (a_rows, g_rows)
-      sq = _sq_norm_outer(a_rows, g_rows)
+      _, tt, kk, cc = a_rows.shape
+      how = _outer_rule(b, tt, kk * cc, g_rows.shape[2])
+      sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
+      rows[k] = (a_rows, g_rows, per_ex)
       if "bias" in c.names:
         sq = sq + jnp.sum(jnp.square(jnp.sum(g_rows, axis=1)), axis=1)
       sq_norms = sq_norms + sq
@@ -488,12 +532,15 @@ def clipped_sum(
   factors = clip_factors(norms, l2_norm_clip, mask)
 
   out: list[jax.Array | None] = [None] * len(leaves)
-  for k, (a_rows, g_rows) in rows.items():
+  for k, (a_rows, g_rows, per_ex) in rows.items():
     c = calls[k]
     scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
     named = dict(zip(c.names, c.leaf_ids, strict=True))
-    kernel = jnp.einsum("btd,btp->dp", a_rows, scaled)
-    out[named["kernel"]] = _kernel_from_rows(c, kernel, np.shape(leaves[named["kernel"]]))
+    if per_ex is None:
+      kernel = jnp.einsum("btkc,btp->kcp", a_rows, scaled)
+    else:
+      kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
+    out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
     if "bias" in named:
       out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
   for leaf_ids, per_ex in vjp_grads.items():

@@ -1,0 +1,183 @@
+"""Matplotlib figures for run folders: training curves, epsilon, privacy-utility trade-offs.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no
+display, no global state), written as PNG, and the path is returned. The inputs are plain
+data: a training history is a sequence of per-epoch dicts as :func:`jaxdp.train.train`
+returns (``epoch``, ``train_loss``, ``test_accuracy``, ``epsilon`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_curves", "plot_epsilon", "plot_privacy_utility", "save_figure"]
+
+History = Sequence[Mapping[str, float]]
+_LABELS = {"accuracy": "accuracy", "loss": "loss", "epsilon": "epsilon"}
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+  """Writes ``fig`` as PNG to ``path`` (creating its folder) and returns the path."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  return path
+
+
+def _series(history: History, key: str, x: str) -> tuple[list[float], list[float]]:
+  """(xs, ys) of the entries that hold ``key``."""
+  pts = [(h[x], h[key]) for h in history if key in h and h[key] is not None]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(
+  runs: Mapping[str, History],
+  path: str | os.PathLike[str],
+  *,
+  metrics: Sequence[str] = ("accuracy", "loss"),
+  splits: Sequence[str] = ("train", "test"),
+  x: str = "epoch",
+) -> Path:
+  """Side-by-side learning curves: one column per run, one row per metric.
+
+  Each panel plots ``<split>_<metric>`` against ``x`` for every split the history holds
+  (e.g. train and test accuracy), as the TF-Privacy tutorial compares its non-private and
+  private models. Rows share their y axis so the columns compare at a glance.
+
+  Args:
+    runs: column title -> per-epoch history, e.g. ``{"non-private": h0, "DP (eps=3)": h1}``.
+    path: PNG file to write.
+    metrics: the rows, e.g. ``("accuracy", "loss")``.
+    splits: the curves in each panel, e.g. ``("train", "validation")``.
+    x: the history key of the horizontal axis.
+
+  Returns:
+    The path written.
+  """
+  if not runs:
+    raise ValueError("runs must hold at least one history")
+  cols, rows = len(runs), len(metrics)
+  fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False, sharey="row")
+  for c, (title, history) in enumerate(runs.items()):
+    for r, metric in enumerate(metrics):
+      ax = axes[r][c]
+      for split in splits:
+        xs, ys = _series(history, f"{split}_{metric}", x)
+        if xs:
+          ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=split)
+      ax.grid(alpha=0.3)
+      if r == 0:
+        ax.set_title(title)
+      if r == rows - 1:
+        ax.set_xlabel(x)
+      if c == 0:
+        ax.set_ylabel(_LABELS.get(metric, metric))
+      if ax.lines:
+        ax.legend(loc="best", fontsize="small")
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_epsilon(
+  runs: Mapping[str, History],
+  path: str | os.PathLike[str],
+  *,
+  keys: Sequence[str] = ("epsilon",),
+  x: str = "epoch",
+  delta: float | None = None,
+) -> Path:
+  """Epsilon spent so far against ``x`` (epochs): one line per run and key.
+
+  Args:
+    runs: label -> per-epoch history holding one or more of ``keys``.
+    path: PNG file to write.
+    keys: the history keys to draw, e.g. ``("epsilon_pld", "epsilon_rdp")``; with several
+      keys each line is labelled ``"<run> (<key suffix>)"``.
+    x: the history key of the horizontal axis.
+    delta: shown in the axis label when given.
+
+  Returns:
+    The path written.
+  """
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  for label, history in runs.items():
+    for key in keys:
+      xs, ys = _series(history, key, x)
+      if xs:
+        suffix = key.rsplit("_", 1)[-1].upper() if "_" in key else key
+        ax.plot(
+          xs,
+          ys,
+          label=label if len(keys) == 1 else f"{label} ({suffix})",
+          linestyle="-" if key == keys[0] else "--",
+          marker="o" if len(xs) < min(len(history), 15) else None,
+        )
+  ax.set_xlabel(x)
+  ax.set_ylabel("epsilon" if delta is None else f"epsilon (delta = {delta:g})")
+  ax.set_ylim(bottom=0)
+  ax.grid(alpha=0.3)
+  if len(ax.lines) > 1:
+    ax.legend(loc="best", fontsize="small")
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_privacy_utility(
+  epsilons: Sequence[float],
+  utilities: Sequence[float],
+  path: str | os.PathLike[str],
+  *,
+  baseline: float | None = None,
+  ylabel: str = "test accuracy",
+  baseline_label: str = "non-private",
+  title: str | None = None,
+) -> Path:
+  """Utility against epsilon (log x axis), with the non-private utility as a line.
+
+  Args:
+    epsilons: the epsilon of each private run (finite, > 0).
+    utilities: the utility of each run (e.g. test accuracy), same length.
+    path: PNG file to write.
+    baseline: the non-private utility, drawn as a horizontal dashed line.
+    ylabel: the y axis label.
+    baseline_label: legend label of the baseline.
+    title: figure title.
+
+  Returns:
+    The path written.
+  """
+  if len(epsilons) != len(utilities):
+    raise ValueError(
+      f"epsilons and utilities must have the same length, got {len(epsilons)} and {len(utilities)}"
+    )
+  pts = sorted(zip(epsilons, utilities, strict=True))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  if pts:
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="DP-SGD")
+    for e, u in pts:
+      ax.annotate(
+        f"{u:.4g}", (e, u), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small"
+      )
+  if baseline is not None and math.isfinite(baseline):
+    ax.axhline(baseline, color="grey", linestyle="--", label=f"{baseline_label} ({baseline:.4g})")
+  ax.set_xscale("log")
+  ax.set_xlabel("epsilon")
+  ax.set_ylabel(ylabel)
+  if pts:
+    ax.set_xticks([p[0] for p in pts], [f"{p[0]:g}" for p in pts])
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(loc="lower right", fontsize="small")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
