@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks of jaxdp against its peers (run with ``pytest benchmarks/``)."""
