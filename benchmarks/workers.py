@@ -261,10 +261,8 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
     info["engine"] = step_obj.engine
     state = init_state(params, opt, jax.random.key(1))
     # For XLA's buffer plan: the step's own jitted function (its compilation is cached, so
-    # lowering it again costs nothing), else a jit wrapper (compiles the same step again).
-    fn = getattr(step_obj, "_fused", None)
-    if not hasattr(fn, "lower"):
-      fn = jax.jit(lambda s, d, i, m: step_obj(s, d, i, m))
+    # lowering it again costs nothing).
+    fn = step_obj
     call = step_obj
   elif impl == "optax_dp":
     tx = optax.chain(

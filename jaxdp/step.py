@@ -240,6 +240,12 @@ class Step:
     """
     return self._fused(state, data, indices, mask)
 
+  def lower(
+    self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
+  ) -> jax.stages.Lowered:
+    """The lowered fused step (e.g. ``.compile().memory_analysis()``); cached with the step."""
+    return self._fused.lower(state, data, indices, mask)
+
   def run(
     self, state: TrainState, data: PyTree, batches: Sequence[tuple[np.ndarray, np.ndarray]]
   ) -> tuple[TrainState, dict[str, Any]]:
