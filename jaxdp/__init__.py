@@ -9,7 +9,14 @@ fixed shape, and epsilon from Google's dp-accounting.
     ...     expected_batch_size=256)                                  # doctest: +SKIP
 """
 
-from jaxdp import accounting, clipping, data, noise, sampling
+from jaxdp import (
+  _cpu_flags,  # noqa: F401  (first: sets XLA CPU flags before JAX starts)
+  accounting,
+  clipping,
+  data,
+  noise,
+  sampling,
+)
 from jaxdp.accounting import (
   EpsilonTracker,
   PrivacyLedger,

@@ -273,12 +273,15 @@ def calibrate_noise_multiplier(
   steps: int,
   accountant: str = "pld",
   tolerance: float = 0.01,
+  *,
+  ledger: PrivacyLedger | None = None,
 ) -> float:
   """The smallest noise multiplier whose DP-SGD epsilon stays within ``target_epsilon``.
 
   Searches ``noise_multiplier`` in [0.01, 1000] for the event
-  ``dpsgd_event(sampling_prob, noise_multiplier, steps)``. With ``"pld"`` the search starts from
-  the (cheap) RDP answer, so only a handful of PLD evaluations are needed.
+  ``dpsgd_event(sampling_prob, noise_multiplier, steps)``, composed after the uses already in
+  ``ledger`` when one is given (so the whole pipeline meets the target). With ``"pld"`` the
+  search starts from the (cheap) RDP answer, so only a handful of PLD evaluations are needed.
 
   Args:
     target_epsilon: the epsilon budget, > 0.
@@ -287,6 +290,8 @@ def calibrate_noise_multiplier(
     steps: number of DP-SGD steps, an integer >= 1.
     accountant: ``"pld"`` or ``"rdp"``; the calibrated sigma is only guaranteed under this one.
     tolerance: relative slack on epsilon, in (0, 1).
+    ledger: earlier private uses of the same data (e.g. noisy label counts), included in
+      every epsilon of the search; it is read, not changed.
 
   Returns:
     ``sigma`` with ``epsilon(sigma) <= target_epsilon`` under ``accountant`` and (unless
@@ -301,7 +306,8 @@ def calibrate_noise_multiplier(
   Formal guarantees:
     ``epsilon(dpsgd_event(sampling_prob, result, steps), delta, accountant) <=
     target_epsilon`` always holds for the returned value (the search keeps an upper end that
-    meets the budget and returns it).
+    meets the budget and returns it); with a ledger, ``epsilon([ledger.event(),
+    dpsgd_event(sampling_prob, result, steps)], delta, accountant) <= target_epsilon``.
   """
   _validate.positive("target_epsilon", target_epsilon)
   _validate.probability("delta", delta, high_open=True)
@@ -311,8 +317,14 @@ def calibrate_noise_multiplier(
   _validate.probability("tolerance", tolerance, high_open=True)
   lo, hi = _NOISE_BRACKET
 
+  earlier = [] if ledger is None or not len(ledger) else [ledger.event()]
+
+  def event(sigma: float) -> Any:
+    step_event = dpsgd_event(sampling_prob, sigma, steps)
+    return [*earlier, step_event] if earlier else step_event
+
   def eps_of(acc: str) -> Callable[[float], float]:
-    return lambda sigma: epsilon(dpsgd_event(sampling_prob, sigma, steps), delta, acc)
+    return lambda sigma: epsilon(event(sigma), delta, acc)
 
   rdp_of = eps_of("rdp")
   if accountant == "rdp":

@@ -13,10 +13,19 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
-__all__ = ["plot_curves", "plot_epsilon", "plot_privacy_utility", "save_figure"]
+__all__ = [
+  "class_grid",
+  "plot_curves",
+  "plot_epsilon",
+  "plot_image_grids",
+  "plot_privacy_utility",
+  "save_figure",
+]
 
 History = Sequence[Mapping[str, float]]
 _LABELS = {"accuracy": "accuracy", "loss": "loss", "epsilon": "epsilon"}
@@ -74,6 +83,7 @@ def plot_curves(
         if xs:
           ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=split)
       ax.grid(alpha=0.3)
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
       if r == 0:
         ax.set_title(title)
       if r == rows - 1:
@@ -109,7 +119,7 @@ def plot_epsilon(
   """
   fig = Figure(figsize=(5, 3.5))
   ax = fig.subplots()
-  for label, history in runs.items():
+  for i, (label, history) in enumerate(runs.items()):
     for key in keys:
       xs, ys = _series(history, key, x)
       if xs:
@@ -117,10 +127,12 @@ def plot_epsilon(
         ax.plot(
           xs,
           ys,
+          color=f"C{i % 10}",
           label=label if len(keys) == 1 else f"{label} ({suffix})",
           linestyle="-" if key == keys[0] else "--",
           marker="o" if len(xs) < min(len(history), 15) else None,
         )
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel(x)
   ax.set_ylabel("epsilon" if delta is None else f"epsilon (delta = {delta:g})")
   ax.set_ylim(bottom=0)
@@ -174,10 +186,97 @@ def plot_privacy_utility(
   ax.set_xlabel("epsilon")
   ax.set_ylabel(ylabel)
   if pts:
-    ax.set_xticks([p[0] for p in pts], [f"{p[0]:g}" for p in pts])
+    ax.set_xticks([p[0] for p in pts], [f"{p[0]:.3g}" for p in pts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
   ax.grid(alpha=0.3, which="both")
   ax.legend(loc="lower right", fontsize="small")
   if title:
     ax.set_title(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def class_grid(
+  images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int
+) -> np.ndarray:
+  """The first ``per_class`` images of each class, as a ``(K, M, H, W, C)`` array.
+
+  A class with fewer than ``per_class`` images is padded with blank (zero) images.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim != 4 or labels.shape != images.shape[:1]:
+    raise ValueError(
+      f"images must be (N, H, W, C) with labels (N,), got {images.shape} and {labels.shape}"
+    )
+  if num_classes < 1 or per_class < 1:
+    raise ValueError(f"num_classes and per_class must be >= 1, got {num_classes}, {per_class}")
+  grid = np.zeros((num_classes, per_class, *images.shape[1:]), np.float32)
+  for c in range(num_classes):
+    picked = images[labels == c][:per_class]
+    grid[c, : len(picked)] = picked
+  return grid
+
+
+def _mosaic(grid: np.ndarray, gap: int = 1) -> np.ndarray:
+  """(K, M, H, W, C) -> one (K(H+gap)-gap, M(W+gap)-gap, C) image with white gaps."""
+  k, m, h, w, c = grid.shape
+  out = np.ones((k * (h + gap) - gap, m * (w + gap) - gap, c), np.float32)
+  for i in range(k):
+    for j in range(m):
+      out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = grid[i, j]
+  return out
+
+
+def plot_image_grids(
+  panels: Mapping[str, np.ndarray],
+  path: str | os.PathLike[str],
+  *,
+  row_labels: Sequence[str] | None = None,
+  title: str | None = None,
+) -> Path:
+  """Image grids side by side, one panel each: rows are classes, columns are examples.
+
+  For a synthetic dataset: ``{"real": class_grid(real...), "synthetic": class_grid(...)}``
+  compares real and synthetic images class by class; one panel per privacy level shows how
+  the samples degrade with epsilon.
+
+  Args:
+    panels: panel title -> ``(K, M, H, W, C)`` images in [0, 1] (:func:`class_grid`); every
+      panel has the same K, H, W, C (M may differ). C is 1 (grey) or 3 (RGB).
+    path: PNG file to write.
+    row_labels: one label per row (e.g. the class names), shown left of the first panel;
+      defaults to ``0 .. K-1``.
+    title: figure title.
+
+  Returns:
+    The path written.
+  """
+  if not panels:
+    raise ValueError("panels must hold at least one grid")
+  grids = {name: np.asarray(g, np.float32) for name, g in panels.items()}
+  shapes = {(g.shape[0], *g.shape[2:]) for g in grids.values()}
+  if any(g.ndim != 5 for g in grids.values()) or len(shapes) != 1:
+    raise ValueError(
+      "panels must be (K, M, H, W, C) arrays with equal K, H, W, C; got "
+      + ", ".join(str(g.shape) for g in grids.values())
+    )
+  k, h = next(iter(grids.values())).shape[0], next(iter(grids.values())).shape[2]
+  labels = [str(c) for c in range(k)] if row_labels is None else [str(r) for r in row_labels]
+  if len(labels) != k:
+    raise ValueError(f"row_labels must have {k} entries (one per row), got {len(labels)}")
+  widths = [g.shape[1] for g in grids.values()]
+  fig = Figure(figsize=(0.45 * sum(widths) + 0.4 * len(grids) + 0.5, 0.45 * k + 0.8))
+  axes = fig.subplots(1, len(grids), squeeze=False, gridspec_kw={"width_ratios": widths})[0]
+  for i, (ax, (name, grid)) in enumerate(zip(axes, grids.items(), strict=True)):
+    mosaic = np.clip(_mosaic(grid), 0.0, 1.0)
+    ax.imshow(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(name, fontsize="small")
+    ax.set_xticks([])
+    if i == 0:
+      ax.set_yticks([r * (h + 1) + h / 2 for r in range(k)], labels, fontsize="small")
+    else:
+      ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize="medium")
   fig.tight_layout()
   return save_figure(fig, path)

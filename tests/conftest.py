@@ -73,12 +73,23 @@ class SmallMaps(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
+class Strided(nn.Module):
+  """Strided convs whose kernels are multiples of their strides (the space-to-depth path)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (4, 4), strides=2, padding="SAME")(x))  # one input channel
+    x = jnp.tanh(nn.Conv(6, (4, 2), strides=(2, 2), padding=((1, 2), (0, 1)))(x))
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
 MODELS = {
   "cnn": TinyCNN,
   "mlp": TinyMLP,
   "groupnorm": TinyGroupNorm,
   "tied": TiedDense,
   "smallmaps": SmallMaps,
+  "strided": Strided,
 }
 
 

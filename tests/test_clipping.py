@@ -47,7 +47,7 @@ def test_reference_equals_python_loop(name):
 
 
 @pytest.mark.parametrize("materialize", [True, False])
-@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided"])
 def test_fast_equals_reference(name, materialize, monkeypatch):
   if not materialize:  # force the ghost norm and the book-keeping sum wherever they apply
     monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)

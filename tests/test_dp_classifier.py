@@ -84,7 +84,7 @@ def test_target_epsilon_is_met_and_validation_replaces_test(exp, tmp_path):
 
 def test_epsilon_sweep_writes_privacy_utility(exp, tmp_path):
   args = ["--dataset", "synthetic", "--quick", "--model", "mlp", "--epochs", "2"]
-  args += ["--baseline-epochs", "1", "--epsilons", "1,8", "--ema", "0"]
+  args += ["--baseline-epochs", "1", "--epsilons", "1,8", "--ema", "0", "--accountant", "rdp"]
   metrics = exp.main([*args, "--out", str(tmp_path), "--name", "s", "--no-progress"])
   assert [r["target_epsilon"] for r in metrics["private"]] == [1.0, 8.0]
   for run in metrics["private"]:

@@ -304,14 +304,18 @@ def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, c
     return set(covered)
 
 
-def _conv_patches(call: _Call, a: jax.Array) -> jax.Array:
-  """im2col patches of a batched conv input, as (B, T, K, C) with K = prod(kernel_size).
+def _conv_patches(call: _Call, a: jax.Array) -> tuple[jax.Array, np.ndarray | None]:
+  """im2col patches of a batched conv input, as (B, T, K, C) with K taps of C features.
+
+  Returns the patches and, when their (K, C) order is not the kernel's own (HWIO) order,
+  the permutation ``perm`` with ``kernel_rows = patch_rows[perm]``.
 
   Built from strided slices of the padded input rather than by
   ``lax.conv_general_dilated_patches`` (a convolution with a one-hot kernel), which XLA's
-  CPU backend runs slower than the copies it amounts to once there are several channels.
-  Flattened, (K, C) is the kernel's own (HWIO) order, so gradients reshape straight back
-  into kernels.
+  CPU backend runs slower than the copies it amounts to. A strided convolution whose kernel
+  is a multiple of its stride is first rewritten as a stride-1 one on the space-to-depth
+  input (each s x s block of pixels becomes s*s channels): fewer, larger copies, about 2x
+  faster for the TF-Privacy CNN's first layer.
   """
   m = call.module
   kshape = tuple(int(k) for k in np.atleast_1d(m.kernel_size))
@@ -321,43 +325,58 @@ def _conv_patches(call: _Call, a: jax.Array) -> jax.Array:
   b = a.shape[0]
   # Fold the example's own leading axes (e.g. the batch-of-one idiom) into the batch.
   x = a.reshape((-1, *a.shape[a.ndim - n - 1 :]))
+  nb, c = x.shape[0], x.shape[-1]
   spatial = x.shape[1:-1]
   window = tuple((k - 1) * d + 1 for k, d in zip(kshape, dil, strict=True))
   padding = _conv_padding(m.padding, n)
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(spatial, window, strides, padding)
-  if x.shape[-1] == 1:
-    # One input channel: the strided copies are tiny and XLA's patch op (a convolution
-    # with a one-hot kernel) is faster than stacking them.
-    pads = [(int(lo), int(hi)) for lo, hi in padding]
-    patches = jax.lax.conv_general_dilated_patches(
-      x,
-      kshape,
-      strides,
-      pads,
-      rhs_dilation=dil,
-      dimension_numbers=(f"N{_SPATIAL[n]}C", f"{_SPATIAL[n]}IO", f"N{_SPATIAL[n]}C"),
-    )
-    return patches.reshape(b, -1, patches.shape[-1], 1)
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out = [(x.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(n)]
+  s2d = any(st > 1 for st in strides) and set(dil) == {1}
+  s2d = s2d and all(k % st == 0 for k, st in zip(kshape, strides, strict=True))
+  perm = None
+  if s2d:
+    # Pad each spatial size up to a multiple of its stride, then fold the phases into channels.
+    extra = [(-x.shape[1 + i]) % strides[i] for i in range(n)]
+    x = jnp.pad(x, ((0, 0), *[(0, e) for e in extra], (0, 0)))
+    blocks = [x.shape[1 + i] // strides[i] for i in range(n)]
+    shape = [nb]
+    for bl, st in zip(blocks, strides, strict=True):
+      shape += [bl, st]
+    x = x.reshape((*shape, c))
+    order = [0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1]
+    x = x.transpose(order).reshape((nb, *blocks, -1))  # channels ordered (phases..., C)
+    taps = tuple(k // st for k, st in zip(kshape, strides, strict=True))
+    step = (1,) * n
+    # Row order (taps..., phases..., C) -> kernel order (taps_0, phase_0, taps_1, ..., C).
+    idx = np.arange(int(np.prod(kshape)) * c).reshape((*taps, *strides, c))
+    interleave = [ax for i in range(n) for ax in (i, n + i)] + [2 * n]
+    kernel_order = idx.transpose(interleave)  # kernel position -> row position
+    perm = kernel_order.reshape(-1)
+  else:
+    taps, step = kshape, strides
   slices = []
-  for offsets in np.ndindex(*kshape):
-    idx = tuple(
-      slice(o * dil[i], o * dil[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+  for offsets in np.ndindex(*taps):
+    sl = tuple(
+      slice(o * (1 if s2d else dil[i]), o * (1 if s2d else dil[i]) + (out[i] - 1) * step[i] + 1,
+            step[i])
       for i, o in enumerate(offsets)
     )
-    slices.append(x[(slice(None), *idx, slice(None))].reshape(b, -1, x.shape[-1]))
-  return jnp.stack(slices, axis=2)  # (B, T, K, C)
+    slices.append(x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1]))
+  return jnp.stack(slices, axis=2), perm  # (B, T, K, C)
 
 
-def _as_rows(a: jax.Array, g: jax.Array, call: _Call) -> tuple[jax.Array, jax.Array]:
-  """(B, T, K, C) inputs and (B, T, p) output gradients of a dense (K = 1) or conv call."""
+def _as_rows(
+  a: jax.Array, g: jax.Array, call: _Call
+) -> tuple[jax.Array, jax.Array, np.ndarray | None]:
+  """(B, T, K, C) inputs, (B, T, p) output gradients and the row->kernel permutation."""
   b = g.shape[0]
   g_rows = g.reshape(b, -1, g.shape[-1])
   if call.rule == "dense":
-    return a.reshape(b, -1, 1, a.shape[-1]), g_rows
-  return _conv_patches(call, a), g_rows
+    return a.reshape(b, -1, 1, a.shape[-1]), g_rows, None
+  patches, perm = _conv_patches(call, a)
+  return patches, g_rows, perm
 
 
 # Per-example weight gradients of a layer are kept (and reused for the clipped sum) while
@@ -496,16 +515,16 @@ def clipped_sum(
   rest_grads = [zero_pad(g) for g in rest_grads]
 
   sq_norms = jnp.zeros((b,), jnp.float32)
-  rows: dict[int, tuple[jax.Array, jax.Array, Any]] = {}
+  rows: dict[int, tuple[jax.Array, jax.Array, Any, np.ndarray | None]] = {}
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
   for k, c in enumerate(calls):
     a, g = inputs[k], out_grads[k]
     if c.rule in ("dense", "conv"):
-      a_rows, g_rows = _as_rows(a, g, c)
+      a_rows, g_rows, perm = _as_rows(a, g, c)
       _, tt, kk, cc = a_rows.shape
       how = _outer_rule(b, tt, kk * cc, g_rows.shape[2])
       sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
-      rows[k] = (a_rows, g_rows, per_ex)
+      rows[k] = (a_rows, g_rows, per_ex, perm)
       if "bias" in c.names:
         sq = sq + jnp.sum(jnp.square(jnp.sum(g_rows, axis=1)), axis=1)
       sq_norms = sq_norms + sq
@@ -532,7 +551,7 @@ def clipped_sum(
   factors = clip_factors(norms, l2_norm_clip, mask)
 
   out: list[jax.Array | None] = [None] * len(leaves)
-  for k, (a_rows, g_rows, per_ex) in rows.items():
+  for k, (a_rows, g_rows, per_ex, perm) in rows.items():
     c = calls[k]
     scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
     named = dict(zip(c.names, c.leaf_ids, strict=True))
@@ -540,6 +559,9 @@ def clipped_sum(
       kernel = jnp.einsum("btkc,btp->kcp", a_rows, scaled)
     else:
       kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
+    kernel = kernel.reshape(-1, kernel.shape[-1])
+    if perm is not None:
+      kernel = jnp.take(kernel, jnp.asarray(perm), axis=0)
     out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
     if "bias" in named:
       out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
