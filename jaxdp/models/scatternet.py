@@ -140,7 +140,7 @@ class ScatterCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    from jaxdp.models.classifier import activation  # noqa: PLC0415
+    from jaxdp.models.classifier import activation
 
     f = activation(self.act)
     x = nn.GroupNorm(num_groups=self.groups)(x)
