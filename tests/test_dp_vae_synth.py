@@ -163,6 +163,20 @@ def test_sample_dataset_and_npz_roundtrip(tmp_path):
   assert back.num_classes == 5 and back.images.dtype == np.float32
 
 
+def test_random_shifts_move_each_image_by_at_most_max_shift():
+  images = np.zeros((50, 7, 7, 1), np.float32)
+  images[:, 3, 3, 0] = 1.0  # one bright pixel in the middle
+  ds = data.Dataset(images, np.arange(50, dtype=np.int32) % 3, 3, "dots")
+  shifted = data.random_shifts(ds, 2, seed=0)
+  assert shifted.images.shape == images.shape and shifted.images.dtype == np.float32
+  np.testing.assert_array_equal(shifted.labels, ds.labels)
+  where = np.array([np.argwhere(im[..., 0])[0] for im in shifted.images])
+  assert np.abs(where - 3).max() == 2 and len({tuple(w) for w in where}) > 10
+  assert data.random_shifts(ds, 0) is ds
+  with pytest.raises(ValueError, match="max_shift"):
+    data.random_shifts(ds, 7)
+
+
 # -- feature-network FID and IS ----------------------------------------------------------
 
 

@@ -17,7 +17,11 @@ def test_shape_and_channel_count():
   assert out.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(out)))
   assert scattering(jax.random.uniform(jax.random.key(0), (2, 16, 16, 1)), J=1, L=4).shape == (
-    2, 8, 8, 1 + 4)
+    2,
+    8,
+    8,
+    1 + 4,
+  )
 
 
 def test_filters_depend_only_on_hyperparameters():

@@ -359,8 +359,9 @@ def _conv_patches(call: _Call, a: jax.Array) -> tuple[jax.Array, np.ndarray | No
   slices = []
   for offsets in np.ndindex(*taps):
     sl = tuple(
-      slice(o * (1 if s2d else dil[i]), o * (1 if s2d else dil[i]) + (out[i] - 1) * step[i] + 1,
-            step[i])
+      slice(
+        o * (1 if s2d else dil[i]), o * (1 if s2d else dil[i]) + (out[i] - 1) * step[i] + 1, step[i]
+      )
       for i, o in enumerate(offsets)
     )
     slices.append(x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1]))
@@ -405,7 +406,8 @@ def _sq_norm_outer(a4: jax.Array, g_rows: jax.Array, how: str) -> tuple[jax.Arra
     sq = jnp.sum(jnp.square(a4), axis=(1, 2, 3)) * jnp.sum(jnp.square(g_rows), axis=(1, 2))
     return sq, None
   if how == "ghost":
-    aa = jnp.einsum("btkc,bskc->bts", a4, a4)
+    a3 = a4.reshape(*a4.shape[:2], -1)  # one contracting axis: a plain batched matmul
+    aa = jnp.einsum("btd,bsd->bts", a3, a3)
     gg = jnp.einsum("btp,bsp->bts", g_rows, g_rows)
     return jnp.sum(aa * gg, axis=(1, 2)), None
   # p leading: XLA's CPU dot runs this output layout about twice as fast as (K, C, p).
@@ -556,7 +558,10 @@ def clipped_sum(
     scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
     named = dict(zip(c.names, c.leaf_ids, strict=True))
     if per_ex is None:
-      kernel = jnp.einsum("btkc,btp->kcp", a_rows, scaled)
+      # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this several
+      # times faster than the same contraction written over two batch-like axes.
+      a2 = a_rows.reshape(-1, a_rows.shape[2] * a_rows.shape[3])
+      kernel = a2.T @ scaled.reshape(-1, scaled.shape[-1])
     else:
       kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
     kernel = kernel.reshape(-1, kernel.shape[-1])

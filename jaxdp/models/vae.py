@@ -63,10 +63,18 @@ import optax
 from jaxdp import _validate
 from jaxdp.models.classifier import activation
 
-__all__ = ["DECODERS", "ConditionalVAE", "evaluate_elbo", "sample_images", "vae_loss"]
+__all__ = [
+  "CONDITIONINGS",
+  "DECODERS",
+  "ConditionalVAE",
+  "evaluate_elbo",
+  "sample_images",
+  "vae_loss",
+]
 
 PyTree = Any
 DECODERS = ("bernoulli", "gaussian")
+CONDITIONINGS = ("concat", "product")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -110,7 +118,7 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-  """Dense layers from [z, one-hot label] to a small map, then sub-pixel conv upsampling."""
+  """Dense layers from (z, one-hot label) to a small map, then sub-pixel conv upsampling."""
 
   image_shape: tuple[int, int, int]
   widths: tuple[int, ...]
@@ -118,6 +126,7 @@ class _Decoder(nn.Module):
   act: str
   groups: int
   class_bias: bool
+  conditioning: str
 
   @nn.compact
   def __call__(self, z: jax.Array, y: jax.Array) -> jax.Array:
@@ -125,7 +134,11 @@ class _Decoder(nn.Module):
     height, width, channels = self.image_shape
     scale = 2 ** len(self.widths)
     h0, w0 = height // scale, width // scale
-    x = jnp.concatenate([z, y], axis=-1)
+    if self.conditioning == "product":
+      # [y (x) z, y]: the first Dense applies a class-specific affine map to z.
+      x = jnp.concatenate([(y[:, :, None] * z[:, None, :]).reshape(z.shape[0], -1), y], -1)
+    else:
+      x = jnp.concatenate([z, y], axis=-1)
     for units in self.hidden:
       x = f(nn.Dense(units)(x))
     x = f(nn.Dense(h0 * w0 * self.widths[0])(x)).reshape(z.shape[0], h0, w0, self.widths[0])
@@ -164,6 +177,10 @@ class ConditionalVAE(nn.Module):
       (0, 1), through a sigmoid, with one learned log standard deviation ``log_scale``).
     class_bias: add a learned per-class output image (logit or pre-sigmoid mean) to the
       decoder output.
+    conditioning: how the decoder's first Dense layer sees the label: ``"concat"`` takes
+      ``[z, y]``; ``"product"`` takes ``[y (x) z, y]`` (the outer product, flattened), so
+      that it applies a class-specific affine map ``A_y z + b_y`` to the latent and the
+      image's class cannot come from ``z`` alone.
     class_prior: use the learned class-conditional prior ``p(z | y) = N(m_y, I)`` (``m_y``
       a bias-free Dense on the one-hot label, initialised at 0) instead of ``N(0, I)``.
     min_log_scale: lower bound on the Gaussian decoder's log standard deviation.
@@ -180,11 +197,13 @@ class ConditionalVAE(nn.Module):
   groups: int = 0
   decoder: str = "bernoulli"
   class_bias: bool = True
+  conditioning: str = "product"
   class_prior: bool = True
   min_log_scale: float = math.log(0.01)
 
   def setup(self) -> None:
     _validate.one_of("decoder", self.decoder, DECODERS)
+    _validate.one_of("conditioning", self.conditioning, CONDITIONINGS)
     scale = 2 ** max(1, len(self.decoder_widths))
     if self.image_shape[0] % scale or self.image_shape[1] % scale:
       raise ValueError(
@@ -203,6 +222,7 @@ class ConditionalVAE(nn.Module):
       self.act,
       self.groups,
       self.class_bias,
+      self.conditioning,
     )
     if self.decoder == "gaussian":
       self.log_scale = self.param("log_scale", nn.initializers.constant(math.log(0.1)), ())
