@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workers
+from jaxdp._cpu_flags import MALLOC_ENV
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -254,6 +255,10 @@ def worker_command(case: Case, plan: Plan) -> list[str]:
 
 def _worker_env(device: str) -> dict[str, str]:
   env = dict(os.environ)
+  if env.get("JAXDP_MALLOC", "1") != "0":
+    # jaxdp tunes glibc malloc on import; PyTorch gains as much from it, so every worker gets
+    # the same settings from the environment (the user's own MALLOC_* values win).
+    env = {**MALLOC_ENV, **env}
   if device == "cpu":  # keep both frameworks off any GPU the machine may have
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""

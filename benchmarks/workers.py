@@ -620,6 +620,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     "impl": args.impl,
     "device": args.device,
     "pid": os.getpid(),
+    # glibc malloc settings the process started with (the harness gives all workers the same).
+    "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
   }
   try:
     build = build_jax if args.impl in JAX_IMPLS else build_torch

@@ -71,6 +71,10 @@ References:
 
 from __future__ import annotations
 
+# jaxdp first: its CPU settings (malloc, XLA flags) must act before numpy and JAX start threads.
+import jaxdp  # noqa: F401
+
+# isort: split
 import argparse
 import dataclasses
 import functools
