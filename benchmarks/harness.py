@@ -354,7 +354,7 @@ def aggregate(results: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]
       loads = [r["other_load"] for r in ok if r.get("other_load") is not None]
       if loads:
         row["other_load"] = max(loads)
-      for key in ("engine", "device_name", "jax", "torch", "opacus", "jax_privacy"):
+      for key in ("engine", "device_name", "jax", "torch", "opacus", "jax_privacy", "malloc_env"):
         if key in ok[0]:
           row[key] = ok[0][key]
     errors = sorted({r["error"] for r in rs if "error" in r})

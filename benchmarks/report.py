@@ -131,6 +131,9 @@ def markdown(rows: list[Row], *, command: str | None = None) -> str:
   if stamps:
     meta.append(f"measured {stamps[0]} … {stamps[-1]}")
   meta += [f"{k} {v}" for k, v in versions.items()]
+  mallocs = sorted({" ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) for r in rows if "malloc_env" in r})
+  if mallocs:
+    meta.append("malloc: " + " / ".join(m or "glibc defaults" for m in mallocs))
   out.append("; ".join(meta) + ".")
   if command:
     out += ["", f"Command: `{command}`"]
