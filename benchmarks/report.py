@@ -131,7 +131,8 @@ def markdown(rows: list[Row], *, command: str | None = None) -> str:
   if stamps:
     meta.append(f"measured {stamps[0]} … {stamps[-1]}")
   meta += [f"{k} {v}" for k, v in versions.items()]
-  mallocs = sorted({" ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) for r in rows if "malloc_env" in r})
+  envs = [r["malloc_env"] for r in rows if "malloc_env" in r]
+  mallocs = sorted({" ".join(f"{k}={v}" for k, v in env.items()) for env in envs})
   if mallocs:
     meta.append("malloc: " + " / ".join(m or "glibc defaults" for m in mallocs))
   out.append("; ".join(meta) + ".")
