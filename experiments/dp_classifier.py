@@ -20,8 +20,8 @@ exponential moving average of the parameters, which is post-processing and costs
 default recipe (batch 1024, 30 epochs, lr 2) was picked on a 5000-example validation split
 held out of the training set: at eps 3 it is the cheapest of the runs within 0.1 points of
 the second best (97.98% vs 98.04%); the best, batch 8192 / 100 epochs / lr 8, is about 0.3
-points better but takes about 40 minutes on a 2-core CPU (README: "How the recipe was
-chosen").
+points better but took about 40 minutes on a 2-core CPU before jaxdp's malloc settings
+(README: "How the recipe was chosen").
 
 Hyperparameters must not be chosen on the test set: tune with ``--validation-size N``, which
 holds out N training examples, evaluates on them and never reads the test set. (Choosing
