@@ -214,7 +214,10 @@ class Step:
     cs = self.clipped_sum(
       state.params, _gather(data, indices), mask, jax.random.fold_in(example_key, chunk)
     )
-    return cs.sum_of_clipped_grads, _batch_stats(cs, mask, self.privacy is not None)
+    stats = _batch_stats(cs, mask, self.privacy is not None)
+    if self.has_aux:
+      stats["aux"] = cs.aux
+    return cs.sum_of_clipped_grads, stats
 
   def _finish_impl(self, state, summed, n_real):
     rng, _, noise_key = self._keys(state)
@@ -253,6 +256,8 @@ class Step:
 
     The clipped sums of all physical batches are added before the noise is drawn once,
     so the step is the same mechanism as one big batch and is accounted as one step.
+    Metrics are weighted by each batch's real rows; with ``has_aux`` the per-example aux of
+    all physical batches comes concatenated in batch order (padding rows included).
     """
     if len(batches) == 1:
       return self(state, data, *batches[0])
@@ -267,8 +272,13 @@ class Step:
     total = max(w.sum(), 1.0)
     metrics: dict[str, Any] = {"batch_size": n_real}
     for k in stats[0]:
-      if k != "batch_size":
+      if k not in ("batch_size", "aux"):
         metrics[k] = float(sum(float(st[k]) * wi for st, wi in zip(stats, w, strict=True)) / total)
+    if self.has_aux:
+      # Rows in the order of the physical batches, padding rows included (as with one batch).
+      metrics["aux"] = jax.tree_util.tree_map(
+        lambda *xs: jnp.concatenate(xs, axis=0), *[st["aux"] for st in stats]
+      )
     return new_state, metrics
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdp import _validate
@@ -152,7 +153,8 @@ def train(
       batches = sampler.sample()
       state, metrics = step.run(state, data, batches)
       metrics = dict(metrics)
-      mask = batches[0].mask
+      # The aux rows of several physical batches come concatenated, like their masks.
+      mask = np.concatenate([b.mask for b in batches]) if len(batches) > 1 else batches[0].mask
       if "aux" in metrics:
         metrics["aux"] = _aux_arrays(metrics["aux"], aux_name)
         for key in metrics["aux"]:

@@ -131,6 +131,34 @@ def test_accumulated_physical_batches_equal_one_batch():
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
 
 
+def test_run_keeps_per_example_aux_of_every_physical_batch():
+  base_loss, params, batch = make_problem("cnn")
+
+  def loss_fn(p, ex, rng):
+    loss = base_loss(p, ex, rng)
+    return loss, {"loss_copy": loss, "label": ex["label"]}
+
+  step = make_step(
+    loss_fn,
+    optax.sgd(0.5),
+    DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+    expected_batch_size=10,
+    has_aux=True,
+  )
+  s = init_state(params, optax.sgd(0.5), jax.random.key(0))
+  idx = np.arange(12, dtype=np.int32)
+  _, m1 = step.run(s, batch, [(idx, np.ones(12, bool))])
+  halves = [
+    (idx[:6], np.ones(6, bool)),
+    (np.r_[idx[6:], [0, 0]].astype(np.int32), np.array([True] * 6 + [False] * 2)),
+  ]
+  _, m2 = step.run(s, batch, halves)
+  assert m2["aux"]["loss_copy"].shape == (14,)
+  real = np.r_[np.arange(6), np.arange(6, 12)]  # rows 12, 13 are the padding of batch two
+  np.testing.assert_allclose(np.asarray(m2["aux"]["loss_copy"])[:12], m1["aux"]["loss_copy"])
+  np.testing.assert_array_equal(np.asarray(m2["aux"]["label"])[:12], batch["label"][real])
+
+
 @pytest.mark.parametrize(
   "kwargs, match",
   [

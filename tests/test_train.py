@@ -100,6 +100,14 @@ def test_train_records_history_and_epsilon():
   assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_train_reports_aux_when_a_batch_spans_several_physical_batches():
+  _, data, _, _, step, state = _setup(private=True)
+  sampler = PoissonSampler(256, expected_batch_size=32, physical_batch_size=12, seed=0)
+  assert all(len(sampler.sample()) > 1 for _ in range(5))
+  _, history = train(step, state, data, sampler, epochs=1, steps_per_epoch=4, progress=False)
+  assert 0.0 <= history[0]["train_accuracy"] <= 1.0
+
+
 def test_train_without_privacy_and_argument_checks():
   _, data, _, sampler, step, state = _setup(private=False)
   state, history = train(step, state, data, sampler, epochs=1, steps_per_epoch=3, progress=False)
