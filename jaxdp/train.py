@@ -154,7 +154,7 @@ def train(
       state, metrics = step.run(state, data, batches)
       metrics = dict(metrics)
       # The aux rows of several physical batches come concatenated, like their masks.
-      mask = np.concatenate([b.mask for b in batches]) if len(batches) > 1 else batches[0].mask
+      mask = np.concatenate([b.mask for b in batches])
       if "aux" in metrics:
         metrics["aux"] = _aux_arrays(metrics["aux"], aux_name)
         for key in metrics["aux"]:

@@ -110,6 +110,16 @@ def test_same_state_same_output_and_fresh_key_each_step():
   )
 
 
+def _whole_and_halves():
+  """The 12 examples as one physical batch, and as two (6 real, then 6 real + 2 padding)."""
+  idx = np.arange(12, dtype=np.int32)
+  halves = [
+    (idx[:6], np.ones(6, bool)),
+    (np.r_[idx[6:], [0, 0]].astype(np.int32), np.array([True] * 6 + [False] * 2)),
+  ]
+  return [(idx, np.ones(12, bool))], halves
+
+
 def test_accumulated_physical_batches_equal_one_batch():
   loss_fn, params, batch = make_problem("cnn")
   step = make_step(
@@ -119,12 +129,8 @@ def test_accumulated_physical_batches_equal_one_batch():
     expected_batch_size=10,
   )
   s = init_state(params, optax.sgd(0.5), jax.random.key(0))
-  idx = np.arange(12, dtype=np.int32)
-  one, m1 = step.run(s, batch, [(idx, np.ones(12, bool))])
-  halves = [
-    (idx[:6], np.ones(6, bool)),
-    (np.r_[idx[6:], [0, 0]].astype(np.int32), np.array([True] * 6 + [False] * 2)),
-  ]
+  whole, halves = _whole_and_halves()
+  one, m1 = step.run(s, batch, whole)
   two, m2 = step.run(s, batch, halves)
   np.testing.assert_allclose(flat(one.params), flat(two.params), atol=1e-6)
   assert float(m2["batch_size"]) == 12
@@ -146,17 +152,13 @@ def test_run_keeps_per_example_aux_of_every_physical_batch():
     has_aux=True,
   )
   s = init_state(params, optax.sgd(0.5), jax.random.key(0))
-  idx = np.arange(12, dtype=np.int32)
-  _, m1 = step.run(s, batch, [(idx, np.ones(12, bool))])
-  halves = [
-    (idx[:6], np.ones(6, bool)),
-    (np.r_[idx[6:], [0, 0]].astype(np.int32), np.array([True] * 6 + [False] * 2)),
-  ]
+  whole, halves = _whole_and_halves()
+  _, m1 = step.run(s, batch, whole)
   _, m2 = step.run(s, batch, halves)
   assert m2["aux"]["loss_copy"].shape == (14,)
-  real = np.r_[np.arange(6), np.arange(6, 12)]  # rows 12, 13 are the padding of batch two
+  # Rows 0-11 are examples 0-11 in order; rows 12, 13 are the padding of batch two.
   np.testing.assert_allclose(np.asarray(m2["aux"]["loss_copy"])[:12], m1["aux"]["loss_copy"])
-  np.testing.assert_array_equal(np.asarray(m2["aux"]["label"])[:12], batch["label"][real])
+  np.testing.assert_array_equal(np.asarray(m2["aux"]["label"])[:12], batch["label"])
 
 
 @pytest.mark.parametrize(
