@@ -28,7 +28,7 @@ import optax
 
 from jaxdp import _validate
 from jaxdp.clipping import fast, reference
-from jaxdp.clipping._common import ClippedSum, PerExampleLoss, split_loss
+from jaxdp.clipping._common import ClippedSum, PerExampleLoss, split_loss, stack_rngs
 from jaxdp.noise import privatize
 
 PyTree = Any
@@ -91,8 +91,52 @@ def init_state(
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
+# "auto" microbatch sizes per JAX backend. On the 2-core CPU the TF-Privacy CNN at batch 1024
+# runs about 1.1x faster in microbatches of 256 than in one piece, with a quarter of the
+# working memory; 128 is no faster. GPUs want the whole batch at once. Each microbatch is
+# its own copy of the program (a loop would run XLA's CPU fusions on one thread), so "auto"
+# takes at most MAX_AUTO_MICROBATCHES of them: compile time grows with their number.
+AUTO_MICROBATCH: dict[str, int] = {"cpu": 256}
+MAX_AUTO_MICROBATCHES = 8
+
+
+def check_microbatch_size(microbatch_size: int | str | None) -> int | str | None:
+  """Returns a valid ``microbatch_size`` (an int >= 1, None or "auto"), else raises."""
+  if microbatch_size is None:
+    return None
+  if isinstance(microbatch_size, str):
+    return _validate.one_of("microbatch_size", microbatch_size, ("auto",))
+  return _validate.positive_int("microbatch_size", microbatch_size)
+
+
+def microbatch_rows(
+  microbatch_size: int | str | None, batch_size: int, backend: str | None = None
+) -> int | None:
+  """Rows per microbatch for a physical batch of ``batch_size`` (None: no split)."""
+  if microbatch_size != "auto":
+    return microbatch_size
+  rows = AUTO_MICROBATCH.get(backend or jax.default_backend())
+  if rows is None:
+    return None
+  return max(rows, -(-batch_size // MAX_AUTO_MICROBATCHES))
+
+
 def _gather(data: PyTree, indices: jax.Array) -> PyTree:
   return jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
+
+
+def _after(token: PyTree, tree: PyTree) -> PyTree:
+  """``tree`` made to depend on ``token`` (values unchanged): ``x + 0 * t`` on float leaves.
+
+  This keeps microbatches sequential, so their working memories do not add up. XLA's CPU
+  compiler drops ``optimization_barrier`` before it schedules, but it cannot fold ``0 * t``
+  for floats (NaN and inf), so the dependency survives. Should ``t`` be NaN or inf, the
+  result is NaN, as the sum being accumulated already is.
+  """
+  t = next(x for x in jax.tree_util.tree_leaves(token) if jnp.issubdtype(x.dtype, jnp.inexact))
+  zero = 0.0 * t.reshape(-1)[0]
+  add = lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+  return jax.tree_util.tree_map(add, tree)
 
 
 def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
@@ -117,6 +161,7 @@ class Step:
     privacy: DPConfig | None,
     expected_batch_size: float | None,
     has_aux: bool,
+    microbatch_size: int | str | None = "auto",
   ) -> None:
     self.loss_fn = loss_fn
     self.optimizer = optimizer
@@ -129,6 +174,7 @@ class Step:
         )
       _validate.positive("expected_batch_size", expected_batch_size)
     self.expected_batch_size = expected_batch_size
+    self.microbatch_size = check_microbatch_size(microbatch_size)
     self.trace_count = 0  # how many times the fused step was traced (compiled)
     self._fused = jax.jit(self._fused_impl)
     self._chunk = jax.jit(self._chunk_impl)
@@ -144,9 +190,49 @@ class Step:
   def clipped_sum(
     self, params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array
   ) -> ClippedSum:
-    """Sum of (clipped, if private) per-example gradients of one physical batch; jittable."""
+    """Sum of (clipped, if private) per-example gradients of one physical batch; jittable.
+
+    With a ``microbatch_size`` smaller than the batch, the rows are taken in sequential
+    microbatches (the last padded with masked rows) whose sums are added: the same numbers
+    up to the order of float additions, with the working memory of one microbatch. Every
+    row keeps the key it has without microbatching.
+    """
     mask = jnp.asarray(mask).astype(bool)
-    rngs = jax.random.split(rng, mask.shape[0])
+    p = mask.shape[0]
+    rngs = stack_rngs(rng, p)
+    m = microbatch_rows(self.microbatch_size, p)
+    if m is None or p <= m:
+      return self._sum_rows(params, batch, mask, rngs)
+    n = -(-p // m)
+    size = -(-p // n)  # n near-equal microbatches of at most m rows
+    pad = n * size - p
+    if pad:
+      # Padding rows repeat the first rows (any valid input) and are masked out.
+      grow = lambda x: jnp.concatenate([x, x[:pad]], axis=0)
+      batch = jax.tree_util.tree_map(grow, batch)
+      rngs = grow(rngs)
+      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
+    parts: list[ClippedSum] = []
+    total = None
+    for c in range(n):
+      rows = slice(c * size, (c + 1) * size)
+      params_c, batch_c = params, jax.tree_util.tree_map(lambda x, r=rows: x[r], batch)
+      if total is not None:
+        params_c, batch_c = _after(total, (params_c, batch_c))
+      cs = self._sum_rows(params_c, batch_c, mask[rows], rngs[rows])
+      g = cs.sum_of_clipped_grads
+      total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+      parts.append(cs)
+    cat = lambda *xs: jnp.concatenate(xs, axis=0)[:p]
+    return ClippedSum(
+      total,
+      cat(*[cs.per_example_norms for cs in parts]),
+      cat(*[cs.clip_factors for cs in parts]),
+      cat(*[cs.losses for cs in parts]),
+      jax.tree_util.tree_map(cat, *[cs.aux for cs in parts]),
+    )
+
+  def _sum_rows(self, params, batch, mask, rngs) -> ClippedSum:
     if self.privacy is None:
       return self._plain_sum(params, batch, mask, rngs)
     if self.engine == "fast":
@@ -289,6 +375,7 @@ def make_step(
   *,
   expected_batch_size: float | None = None,
   has_aux: bool = False,
+  microbatch_size: int | str | None = "auto",
 ) -> Step:
   """Builds the one jitted training step.
 
@@ -301,6 +388,10 @@ def make_step(
     expected_batch_size: the public normaliser of the noisy sum: q*N for Poisson sampling,
       the fixed batch size for fixed batches. Required when private.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is returned per example.
+    microbatch_size: rows per sequential microbatch inside one jitted step (same numbers,
+      the working memory of one microbatch), None for none, or "auto":
+      ``AUTO_MICROBATCH[backend]`` rows (256 on CPU, where it also runs faster; no split
+      elsewhere), in at most ``MAX_AUTO_MICROBATCHES`` microbatches.
 
   Returns:
     A :class:`Step`: ``step(state, data, indices, mask)`` or ``step.run(state, data, batches)``.
@@ -314,4 +405,4 @@ def make_step(
     >>> step = make_step(loss_fn, optax.sgd(0.1), DPConfig(l2_norm_clip=1.0,
     ...                  noise_multiplier=1.1), expected_batch_size=256)  # doctest: +SKIP
   """
-  return Step(loss_fn, optimizer, privacy, expected_batch_size, has_aux)
+  return Step(loss_fn, optimizer, privacy, expected_batch_size, has_aux, microbatch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+
+from jaxdp.conv import conv_general_dilated as space_to_depth_conv
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -83,6 +86,31 @@ class Strided(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
+class SpaceToDepth(nn.Module):
+  """The strided convs of ``Strided`` computed by jaxdp.conv (stride 1 on space-to-depth)."""
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, conv_general_dilated=space_to_depth_conv)
+    x = jnp.tanh(conv(4, (4, 4), strides=2, padding="SAME")(x))
+    x = jnp.tanh(conv(6, (4, 2), strides=(2, 2), padding=((1, 2), (0, 1)))(x))
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def _doubled_conv(*args, **kwargs):
+  return 2.0 * jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+class CustomConv(nn.Module):
+  """A Conv with a conv function the fast engine does not know: it must not take the im2col
+  rule (which assumes the standard convolution) but the layer's own vjp."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2, conv_general_dilated=_doubled_conv)(x))
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
 MODELS = {
   "cnn": TinyCNN,
   "mlp": TinyMLP,
@@ -90,6 +118,8 @@ MODELS = {
   "tied": TiedDense,
   "smallmaps": SmallMaps,
   "strided": Strided,
+  "s2d": SpaceToDepth,
+  "customconv": CustomConv,
 }
 
 

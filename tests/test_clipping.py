@@ -47,7 +47,9 @@ def test_reference_equals_python_loop(name):
 
 
 @pytest.mark.parametrize("materialize", [True, False])
-@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided"])
+@pytest.mark.parametrize(
+  "name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided", "s2d", "customconv"]
+)
 def test_fast_equals_reference(name, materialize, monkeypatch):
   if not materialize:  # force the ghost norm and the book-keeping sum wherever they apply
     monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
@@ -76,6 +78,16 @@ def test_fast_engine_plans_the_expected_rules():
   ex = jax.tree_util.tree_map(lambda x: x[0], batch)
   plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
   assert plan.summary() == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
+  # jaxdp's space-to-depth conv computes the standard convolution: the im2col rule applies.
+  loss_fn, params, batch = make_problem("s2d")
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary() == {"conv": 2, "dense": 1, "vmap_leaves": 0}
+  # An unknown conv function may compute anything: the layer's own vjp, never the rule.
+  loss_fn, params, batch = make_problem("customconv")
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary() == {"vjp": 1, "dense": 1, "vmap_leaves": 0}
 
 
 def test_fast_engine_sees_weights_used_outside_layer_calls():

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_problem
 
 from jaxdp.sampling import PoissonSampler
-from jaxdp.step import DPConfig, init_state, make_step
+from jaxdp.step import DPConfig, init_state, make_step, microbatch_rows
 
 
 def flat(tree):
@@ -186,3 +186,79 @@ def test_bad_expected_batch_size(ebs):
       DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
       expected_batch_size=ebs,
     )
+
+
+def _keyed_problem():
+  """The CNN problem with a loss that uses its per-example key (as dropout would)."""
+  base_loss, params, batch = make_problem("cnn")
+
+  def loss_fn(p, ex, rng):
+    scale = 1.0 + 0.5 * jax.random.uniform(rng)
+    ex = {**ex, "image": ex["image"] * scale}
+    loss = base_loss(p, ex, rng)
+    return loss, {"loss_copy": loss, "scale": scale}
+
+  return loss_fn, params, batch
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference", "none"])
+def test_microbatches_equal_one_batch(engine):
+  loss_fn, params, batch = _keyed_problem()
+  privacy = None
+  if engine != "none":
+    privacy = DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0, engine=engine)
+  opt = optax.sgd(0.5)
+  s = init_state(params, opt, jax.random.key(0))
+  # 10 rows, 2 of them padding: microbatches of 4 take three pieces (the last one padded).
+  idx = jnp.arange(10, dtype=jnp.int32)
+  mask = jnp.array([True] * 4 + [False] + [True] * 4 + [False])
+  out = {}
+  for mb in (None, 4, 5):
+    step = make_step(loss_fn, opt, privacy, expected_batch_size=8, has_aux=True, microbatch_size=mb)
+    out[mb] = step(s, batch, idx, mask)
+  one_state, one = out[None]
+  for mb in (4, 5):
+    state, metrics = out[mb]
+    np.testing.assert_allclose(flat(state.params), flat(one_state.params), atol=1e-6)
+    for k in one:
+      if k != "aux":
+        np.testing.assert_allclose(metrics[k], one[k], rtol=1e-5, atol=1e-7)
+    for k in ("loss_copy", "scale"):
+      assert metrics["aux"][k].shape == (10,)
+      np.testing.assert_allclose(metrics["aux"][k], one["aux"][k], rtol=1e-5)
+
+
+def test_microbatches_bound_the_working_memory():
+  """Sequential microbatches: XLA plans the memory of one, not of all of them at once."""
+  loss_fn, params, batch = make_problem("cnn", batch_size=256)
+  opt = optax.sgd(0.1)
+  s = init_state(params, opt, jax.random.key(0))
+  idx, mask = jnp.arange(256, dtype=jnp.int32), jnp.ones(256, bool)
+  temp = {}
+  for mb in (None, 32):
+    step = make_step(
+      loss_fn,
+      opt,
+      DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+      expected_batch_size=256,
+      microbatch_size=mb,
+    )
+    temp[mb] = step.lower(s, batch, idx, mask).compile().memory_analysis().temp_size_in_bytes
+  # Eight microbatches run one after the other need well under half of the memory.
+  assert temp[32] < 0.35 * temp[None], temp
+
+
+@pytest.mark.parametrize("mb", [0, -2, 2.5, "big", True])
+def test_bad_microbatch_size(mb):
+  loss_fn, _, _ = make_problem("mlp")
+  with pytest.raises(ValueError, match="microbatch_size"):
+    make_step(loss_fn, optax.sgd(0.1), None, microbatch_size=mb)
+
+
+def test_auto_microbatch_rows():
+  assert microbatch_rows("auto", 1024, "cpu") == 256
+  assert microbatch_rows("auto", 100, "cpu") == 256  # a batch of 100 is not split
+  assert microbatch_rows("auto", 4096, "cpu") == 512  # at most 8 microbatches
+  assert microbatch_rows("auto", 4096, "gpu") is None
+  assert microbatch_rows(64, 4096, "gpu") == 64
+  assert microbatch_rows(None, 4096, "cpu") is None

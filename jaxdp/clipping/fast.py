@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdp import conv
 from jaxdp.clipping._common import (
   ClippedSum,
   PerExampleLoss,
@@ -120,8 +121,14 @@ def _is_array(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+# Convolution functions known to compute the standard convolution (the rule's assumption).
+_STANDARD_CONVS = (None, jax.lax.conv_general_dilated, conv.conv_general_dilated)
+
+
 def _conv_rule_ok(m: nn.Conv, kernel_shape: tuple[int, ...]) -> bool:
   if type(m) is not nn.Conv or m.feature_group_count != 1 or m.mask is not None:
+    return False
+  if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in _STANDARD_CONVS:
     return False
   if m.input_dilation not in (None, 1) and set(np.atleast_1d(m.input_dilation)) != {1}:
     return False
@@ -325,7 +332,7 @@ def _conv_patches(call: _Call, a: jax.Array) -> tuple[jax.Array, np.ndarray | No
   b = a.shape[0]
   # Fold the example's own leading axes (e.g. the batch-of-one idiom) into the batch.
   x = a.reshape((-1, *a.shape[a.ndim - n - 1 :]))
-  nb, c = x.shape[0], x.shape[-1]
+  c = x.shape[-1]
   spatial = x.shape[1:-1]
   window = tuple((k - 1) * d + 1 for k, d in zip(kshape, dil, strict=True))
   padding = _conv_padding(m.padding, n)
@@ -340,13 +347,7 @@ def _conv_patches(call: _Call, a: jax.Array) -> tuple[jax.Array, np.ndarray | No
     # Pad each spatial size up to a multiple of its stride, then fold the phases into channels.
     extra = [(-x.shape[1 + i]) % strides[i] for i in range(n)]
     x = jnp.pad(x, ((0, 0), *[(0, e) for e in extra], (0, 0)))
-    blocks = [x.shape[1 + i] // strides[i] for i in range(n)]
-    shape = [nb]
-    for bl, st in zip(blocks, strides, strict=True):
-      shape += [bl, st]
-    x = x.reshape((*shape, c))
-    order = [0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1]
-    x = x.transpose(order).reshape((nb, *blocks, -1))  # channels ordered (phases..., C)
+    x = conv.space_to_depth(x, strides)  # channels ordered (phases..., C)
     taps = tuple(k // st for k, st in zip(kshape, strides, strict=True))
     step = (1,) * n
     # Row order (taps..., phases..., C) -> kernel order (taps_0, phase_0, taps_1, ..., C).

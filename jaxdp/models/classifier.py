@@ -6,6 +6,7 @@ examples (GroupNorm normalises within one example; BatchNorm is never used).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdp import _validate
+from jaxdp.conv import conv_general_dilated as space_to_depth_conv
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "relu": nn.relu,
@@ -62,9 +64,11 @@ class TFPrivacyCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     f = activation(self.act)
-    x = f(nn.Conv(16, (8, 8), strides=2, padding="SAME")(x))
+    # Both strided convs run as stride-1 convs on space-to-depth inputs (jaxdp.conv).
+    conv = functools.partial(nn.Conv, conv_general_dilated=space_to_depth_conv)
+    x = f(conv(16, (8, 8), strides=2, padding="SAME")(x))
     x = max_pool(x, 2, 1)
-    x = f(nn.Conv(32, (4, 4), strides=2, padding="VALID")(x))
+    x = f(conv(32, (4, 4), strides=2, padding="VALID")(x))
     x = max_pool(x, 2, 1)
     x = x.reshape(x.shape[0], -1)
     x = f(nn.Dense(32)(x))

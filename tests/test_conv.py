@@ -1,0 +1,102 @@
+"""jaxdp.conv: strided convolutions as stride-1 convolutions on space-to-depth inputs."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.linen.linear import _conv_dimension_numbers
+
+from jaxdp import conv
+
+# (input shape, kernel shape, strides, padding): all take the space-to-depth route.
+S2D_CASES = [
+  ((2, 28, 28, 1), (8, 8, 1, 16), (2, 2), "SAME"),  # the TF-Privacy CNN's first conv
+  ((2, 13, 13, 16), (4, 4, 16, 32), (2, 2), "VALID"),  # and its second
+  ((2, 15, 17, 3), (4, 6, 3, 5), (2, 3), "SAME"),
+  ((2, 15, 17, 3), (4, 6, 3, 5), (2, 3), ((1, 2), (0, 3))),
+  ((2, 15, 17, 3), (4, 6, 3, 5), (2, 3), ((-1, 2), (0, -2))),  # negative padding crops
+  ((2, 16, 3), (4, 3, 5), (2,), "VALID"),  # 1-D
+  ((2, 9, 9, 9, 2), (2, 2, 2, 2, 3), (2, 2, 2), "SAME"),  # 3-D
+]
+
+
+def _both(x_shape, w_shape, strides, padding, seed=0, **kwargs):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  dn = kwargs.pop("dimension_numbers", _conv_dimension_numbers(x_shape))
+  kw = dict(dimension_numbers=dn, precision="highest", **kwargs)
+
+  def f(fn):
+    return lambda x, w: fn(x, w, strides, padding, **kw)
+
+  return x, w, f(jax.lax.conv_general_dilated), f(conv.conv_general_dilated)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", S2D_CASES)
+def test_space_to_depth_conv_equals_lax(x_shape, w_shape, strides, padding):
+  x, w, lax_conv, ours = _both(x_shape, w_shape, strides, padding)
+  assert conv.applies(w_shape[: len(strides)], strides)
+  want, got = lax_conv(x, w), ours(x, w)
+  assert got.shape == want.shape
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, atol=2e-6 * scale)
+  # The gradients too (the input's and the kernel's), for a random output cotangent.
+  r = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), jnp.float32)
+  loss = lambda fn: lambda x, w: jnp.sum(fn(x, w) * r)
+  for g_want, g_got in zip(
+    jax.grad(loss(lax_conv), (0, 1))(x, w), jax.grad(loss(ours), (0, 1))(x, w), strict=True
+  ):
+    np.testing.assert_allclose(g_got, g_want, atol=2e-6 * float(jnp.max(jnp.abs(g_want))))
+
+
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding, kwargs",
+  [
+    ((2, 12, 12, 3), (3, 3, 3, 4), (1, 1), "SAME", {}),  # stride 1
+    ((2, 12, 12, 3), (3, 3, 3, 4), (2, 2), "SAME", {}),  # kernel not a multiple of the stride
+    ((2, 12, 12, 3), (2, 2, 3, 4), (2, 2), "VALID", {"rhs_dilation": (2, 2)}),
+    ((2, 12, 12, 4), (2, 2, 2, 4), (2, 2), "VALID", {"feature_group_count": 2}),
+    (
+      (2, 3, 12, 12),
+      (4, 3, 2, 2),
+      (2, 2),
+      "VALID",
+      {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+    ),
+  ],
+)
+def test_other_convolutions_go_to_lax_unchanged(x_shape, w_shape, strides, padding, kwargs):
+  x, w, lax_conv, ours = _both(x_shape, w_shape, strides, padding, **kwargs)
+  np.testing.assert_array_equal(ours(x, w), lax_conv(x, w))
+
+
+def test_applies():
+  assert conv.applies((8, 8), (2, 2))
+  assert conv.applies((4, 6), (2, 3))
+  assert not conv.applies((3, 3), (2, 2))
+  assert not conv.applies((4, 4), (1, 1))
+  assert not conv.applies((4, 4), (2, 2), dilation=(2, 1))
+
+
+def test_space_to_depth_rejects_sizes_not_a_multiple_of_the_stride():
+  with pytest.raises(ValueError, match="multiple"):
+    conv.space_to_depth(jnp.zeros((1, 5, 4, 1)), (2, 2))
+
+
+def test_flax_conv_takes_it_as_its_conv_function():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 28, 28, 1)), jnp.float32)
+  plain = nn.Conv(16, (8, 8), strides=2, padding="SAME", precision="highest")
+  ours = nn.Conv(
+    16,
+    (8, 8),
+    strides=2,
+    padding="SAME",
+    precision="highest",
+    conv_general_dilated=conv.conv_general_dilated,
+  )
+  params = plain.init(jax.random.key(0), x)
+  np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-5)
