@@ -18,6 +18,11 @@ example's output gradient ``g`` (the loss of example i depends only on row i). F
 and the clipped sum by book-keeping, ``sum_i c_i G_{W,i} = einsum('btd,btp->dp', a, c g)``,
 without a second backward pass.
 
+Padding rows are not masked in the layer inputs and output gradients (masking them costs
+about 15% of the step): their clip factor is exactly 0, and a finite value times 0 adds
+exactly 0. A non-finite value in a padding row shows in that row's squared norm, and only
+then is the sum recomputed with the padding rows zeroed, in a branch that otherwise never runs.
+
 Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, layers called more than once,
 e.g. a critic that sees a real and a fake input) fall back to per-example gradients for that
 layer only: ``vmap`` over examples of the layer's own VJP at the recorded ``(a_i, g_i)``.
@@ -456,7 +461,7 @@ def clipped_sum(
     For every real row i the contribution is ``c_i G_i`` with ``c_i = min(1, C/||G_i||)``,
     ``||G_i||`` the exact global norm of the example's full gradient (every parameter leaf is
     counted, by a layer rule, the per-layer vjp, or vmap), so it has L2 norm <= C; padding
-    rows contribute exactly zero, even if their loss is NaN.
+    rows contribute exactly zero, even if their inputs, loss or gradients are NaN or inf.
   """
   mask = mask.astype(bool)
   if plan is None:
