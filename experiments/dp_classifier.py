@@ -73,7 +73,14 @@ from jaxdp.models import classifier as classifier_lib
 from jaxdp.models import scatternet
 from jaxdp.plots import plot_curves, plot_epsilon, plot_privacy_utility
 from jaxdp.sampling import PoissonSampler
-from jaxdp.step import ENGINES, DPConfig, init_state, make_step
+from jaxdp.step import (
+  ENGINES,
+  DPConfig,
+  check_microbatch_size,
+  init_state,
+  make_step,
+  parse_microbatch_size,
+)
 from jaxdp.train import train
 
 DATASETS = (*data.DATASETS, "synthetic")
@@ -126,6 +133,7 @@ class Config:
   delta: float = 1e-5
   accountant: str = "pld"
   engine: str = "auto"
+  microbatch_size: int | str | None = "auto"  # rows per microbatch in the step
   baseline: bool = True
   baseline_epochs: int = FULL["baseline_epochs"]
   baseline_batch_size: int = FULL["baseline_batch_size"]
@@ -145,6 +153,7 @@ class Config:
     v.one_of("--optimizer", self.optimizer, optim.OPTIMIZERS)
     v.one_of("--accountant", self.accountant, accounting.ACCOUNTANTS)
     v.one_of("--engine", self.engine, ENGINES)
+    check_microbatch_size(self.microbatch_size, "--microbatch-size")
     for flag, value in [
       ("--epochs", self.epochs),
       ("--batch-size", self.batch_size),
@@ -281,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     default=d.engine,
     help="per-example clipping engine (default %(default)s)",
   )
+  g.add_argument(
+    "--microbatch-size",
+    default="auto",
+    help="rows per sequential microbatch inside the jitted step (same numbers, less "
+    "memory): auto (256 on CPU, no split on GPU), none, or an integer (default %(default)s)",
+  )
   g = p.add_argument_group("privacy")
   g.add_argument(
     "--clip",
@@ -392,6 +407,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
       delta=a.delta,
       accountant=a.accountant,
       engine=a.engine,
+      microbatch_size=parse_microbatch_size(a.microbatch_size, "--microbatch-size"),
       baseline=not a.no_baseline,
       baseline_epochs=baseline_epochs,
       baseline_batch_size=baseline_batch_size,
@@ -578,6 +594,7 @@ def train_model(
     privacy,
     expected_batch_size=sampler.expected_batch_size,
     has_aux=True,
+    microbatch_size=cfg.microbatch_size,
   )
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1 + int(private))
   state = init_state(init_params, opt, key)

@@ -91,6 +91,7 @@ from absl import logging as absl_logging
 from flax import serialization
 
 from jaxdp import _validate, accounting, data, optim, synth
+from jaxdp import step as step_lib
 from jaxdp.metrics import classifier_outputs, feature_scores, per_class_accuracy
 from jaxdp.models import classifier as classifier_lib
 from jaxdp.models.vae import (
@@ -165,6 +166,7 @@ class Config:
   delta: float = 1e-5
   accountant: str = "pld"
   engine: str = "auto"
+  microbatch_size: int | str | None = "auto"  # rows per microbatch in the step
   dp_label_counts: bool = False
   label_noise_multiplier: float = 50.0
   # synthetic data
@@ -196,6 +198,7 @@ class Config:
     v.one_of("--conditioning", self.conditioning, CONDITIONINGS)
     v.one_of("--accountant", self.accountant, accounting.ACCOUNTANTS)
     v.one_of("--engine", self.engine, ENGINES)
+    step_lib.check_microbatch_size(self.microbatch_size, "--microbatch-size")
     v.one_of("--classifier", self.classifier, tuple(classifier_lib.MODELS))
     v.one_of(
       "--classifier-activation", self.classifier_activation, tuple(classifier_lib.ACTIVATIONS)
@@ -391,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     default=d.engine,
     help="per-example clipping engine (default %(default)s)",
   )
+  g.add_argument(
+    "--microbatch-size",
+    default="auto",
+    help="rows per sequential microbatch inside the jitted step (same numbers, less "
+    "memory): auto (256 on CPU, no split on GPU), none, or an integer (default %(default)s)",
+  )
   g = p.add_argument_group("privacy")
   g.add_argument(
     "--clip", type=float, default=d.clip, help="per-example L2 clip norm (default %(default)s)"
@@ -548,6 +557,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
       delta=a.delta,
       accountant=a.accountant,
       engine=a.engine,
+      microbatch_size=step_lib.parse_microbatch_size(a.microbatch_size, "--microbatch-size"),
       dp_label_counts=a.dp_label_counts,
       label_noise_multiplier=a.label_noise_multiplier,
       num_samples=a.num_samples,
@@ -780,7 +790,12 @@ def run_job(
   params = init(k_init, train_data["image"][:1], train_data["label"][:1], k_init)["params"]
   opt = optim.make_optimizer("adam", cfg.lr, ema_decay=cfg.ema or None)
   step = make_step(
-    vae_loss(model, beta=cfg.beta), opt, privacy, expected_batch_size=q * n, has_aux=True
+    vae_loss(model, beta=cfg.beta),
+    opt,
+    privacy,
+    expected_batch_size=q * n,
+    has_aux=True,
+    microbatch_size=cfg.microbatch_size,
   )
   state = init_state(params, opt, k_state)
   test_images, test_labels = jax.device_put((test_set.images, test_set.labels))

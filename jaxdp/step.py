@@ -100,13 +100,27 @@ AUTO_MICROBATCH: dict[str, int] = {"cpu": 256}
 MAX_AUTO_MICROBATCHES = 8
 
 
-def check_microbatch_size(microbatch_size: int | str | None) -> int | str | None:
+def check_microbatch_size(
+  microbatch_size: int | str | None, name: str = "microbatch_size"
+) -> int | str | None:
   """Returns a valid ``microbatch_size`` (an int >= 1, None or "auto"), else raises."""
   if microbatch_size is None:
     return None
   if isinstance(microbatch_size, str):
-    return _validate.one_of("microbatch_size", microbatch_size, ("auto",))
-  return _validate.positive_int("microbatch_size", microbatch_size)
+    return _validate.one_of(name, microbatch_size, ("auto",))
+  return _validate.positive_int(name, microbatch_size)
+
+
+def parse_microbatch_size(text: str, name: str = "microbatch_size") -> int | str | None:
+  """A command-line value: "auto", "none" (no split) or an integer >= 1."""
+  word = text.strip().lower()
+  if word in ("auto", "none"):
+    return None if word == "none" else "auto"
+  try:
+    value = int(word)
+  except ValueError:
+    raise ValueError(f"{name} must be auto, none or an integer >= 1; got {text!r}") from None
+  return check_microbatch_size(value, name)
 
 
 def microbatch_rows(

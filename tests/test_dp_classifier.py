@@ -108,6 +108,8 @@ def test_epsilon_sweep_writes_privacy_utility(exp, tmp_path):
     (["--optimizer", "adam", "--momentum", "0.5"], "--momentum"),
     (["--noise-multiplier", "1", "--target-epsilon", "2"], "not allowed with"),
     (["--validation-size", "1000"], "--validation-size"),
+    (["--microbatch-size", "0"], "--microbatch-size"),
+    (["--microbatch-size", "half"], "--microbatch-size"),
   ],
 )
 def test_bad_flags_exit_with_one_line(exp, tmp_path, capsys, flags, needle):

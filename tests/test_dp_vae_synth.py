@@ -277,6 +277,7 @@ def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp
     (["--decoder-widths", "8,8,8"], "--decoder-widths"),
     (["--batch-size", "5000"], "--batch-size"),
     (["--delta", "0.01"], "--delta"),
+    (["--microbatch-size", "-4"], "--microbatch-size"),
   ],
 )
 def test_bad_flags_exit_with_one_line(exp, tmp_path, capsys, flags, needle):

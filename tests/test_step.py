@@ -10,7 +10,13 @@ import pytest
 from conftest import make_problem
 
 from jaxdp.sampling import PoissonSampler
-from jaxdp.step import DPConfig, init_state, make_step, microbatch_rows
+from jaxdp.step import (
+  DPConfig,
+  init_state,
+  make_step,
+  microbatch_rows,
+  parse_microbatch_size,
+)
 
 
 def flat(tree):
@@ -262,3 +268,12 @@ def test_auto_microbatch_rows():
   assert microbatch_rows("auto", 4096, "gpu") is None
   assert microbatch_rows(64, 4096, "gpu") == 64
   assert microbatch_rows(None, 4096, "cpu") is None
+
+
+def test_parse_microbatch_size():
+  assert parse_microbatch_size("auto") == "auto"
+  assert parse_microbatch_size("None") is None
+  assert parse_microbatch_size("128") == 128
+  for bad in ("0", "-1", "2.5", "half"):
+    with pytest.raises(ValueError, match="--microbatch-size"):
+      parse_microbatch_size(bad, "--microbatch-size")
