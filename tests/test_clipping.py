@@ -64,30 +64,21 @@ def test_fast_equals_reference(name, materialize, monkeypatch):
   assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
 
 
+def _plan_summary(name):
+  loss_fn, params, batch = make_problem(name)
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  return fast.discover(loss_fn, params, ex, jax.random.key(0), False).summary()
+
+
 def test_fast_engine_plans_the_expected_rules():
-  loss_fn, params, batch = make_problem("cnn")
-  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
-  assert plan.summary() == {"conv": 2, "dense": 1, "vmap_leaves": 0}
-  loss_fn, params, batch = make_problem("groupnorm")
-  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert _plan_summary("cnn") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # GroupNorm via its own vjp, the custom self.param via vmap.
-  assert plan.summary() == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}
-  loss_fn, params, batch = make_problem("tied")
-  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
-  assert plan.summary() == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
+  assert _plan_summary("groupnorm") == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}
+  assert _plan_summary("tied") == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
   # jaxdp's space-to-depth conv computes the standard convolution: the im2col rule applies.
-  loss_fn, params, batch = make_problem("s2d")
-  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
-  assert plan.summary() == {"conv": 2, "dense": 1, "vmap_leaves": 0}
+  assert _plan_summary("s2d") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # An unknown conv function may compute anything: the layer's own vjp, never the rule.
-  loss_fn, params, batch = make_problem("customconv")
-  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
-  assert plan.summary() == {"vjp": 1, "dense": 1, "vmap_leaves": 0}
+  assert _plan_summary("customconv") == {"vjp": 1, "dense": 1, "vmap_leaves": 0}
 
 
 def test_fast_engine_sees_weights_used_outside_layer_calls():

@@ -345,8 +345,7 @@ def _conv_patches(call: _Call, a: jax.Array) -> tuple[jax.Array, np.ndarray | No
     padding = jax.lax.padtype_to_pads(spatial, window, strides, padding)
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out = [(x.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(n)]
-  s2d = any(st > 1 for st in strides) and set(dil) == {1}
-  s2d = s2d and all(k % st == 0 for k, st in zip(kshape, strides, strict=True))
+  s2d = conv.applies(kshape, strides, dil)
   perm = None
   if s2d:
     # Pad each spatial size up to a multiple of its stride, then fold the phases into channels.
@@ -541,74 +540,6 @@ def _clipped_sum(
     perturbs, rest_copies
   )
 
-  def finish(inputs, out_grads, rest_grads):
-    """Per-example squared norms (padding rows included) and the clipped sum's leaves."""
-    sq_norms = jnp.zeros((b,), jnp.float32)
-    rows: dict[int, tuple[jax.Array, jax.Array, Any, np.ndarray | None]] = {}
-    vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
-    for k, c in enumerate(calls):
-      a, g = inputs[k], out_grads[k]
-      if c.rule in ("dense", "conv"):
-        a_rows, g_rows, perm = _as_rows(a, g, c)
-        _, tt, kk, cc = a_rows.shape
-        how = _outer_rule(b, tt, kk * cc, g_rows.shape[2])
-        sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
-        rows[k] = (a_rows, g_rows, per_ex, perm)
-        if "bias" in c.names:
-          sq = sq + jnp.sum(jnp.square(jnp.sum(g_rows, axis=1)), axis=1)
-        sq_norms = sq_norms + sq
-      else:
-        own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
-
-        def one(a_i, g_i, module=c.module, own=own):
-          _, vjp = jax.vjp(lambda p: module.apply({"params": p}, a_i), own)
-          return vjp(g_i)[0]
-
-        per_ex = jax.vmap(one)(a, g)
-        acc = vjp_grads.get(c.leaf_ids)
-        vjp_grads[c.leaf_ids] = (
-          per_ex if acc is None else jax.tree_util.tree_map(jnp.add, acc, per_ex)
-        )
-    for per_ex in vjp_grads.values():
-      sq_norms = sq_norms + sum(
-        jnp.sum(jnp.square(x).reshape(b, -1), axis=1) for x in jax.tree_util.tree_leaves(per_ex)
-      )
-    for g in rest_grads:
-      sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(b, -1), axis=1)
-
-    norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
-    factors = clip_factors(norms, l2_norm_clip, mask)
-
-    out: list[jax.Array | None] = [None] * len(leaves)
-    for k, (a_rows, g_rows, per_ex, perm) in rows.items():
-      c = calls[k]
-      scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
-      named = dict(zip(c.names, c.leaf_ids, strict=True))
-      if per_ex is None:
-        # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this several
-        # times faster than the same contraction written over two batch-like axes.
-        a2 = a_rows.reshape(-1, a_rows.shape[2] * a_rows.shape[3])
-        kernel = a2.T @ scaled.reshape(-1, scaled.shape[-1])
-      else:
-        kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
-      kernel = kernel.reshape(-1, kernel.shape[-1])
-      if perm is not None:
-        kernel = jnp.take(kernel, jnp.asarray(perm), axis=0)
-      out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
-      if "bias" in named:
-        out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
-    for leaf_ids, per_ex in vjp_grads.items():
-      summed = tree_masked_weighted_sum(per_ex, factors)
-      for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
-        out[i] = summed[n]
-    for i, g in zip(rest, rest_grads, strict=True):
-      out[i] = tree_masked_weighted_sum(g, factors)
-    out = [
-      jnp.zeros_like(leaf) if o is None else o.astype(leaf.dtype)
-      for o, leaf in zip(out, leaves, strict=True)
-    ]
-    return out, sq_norms
-
   if zero_padding:
     row = lambda x: mask.reshape((-1,) + (1,) * (x.ndim - 1))
     zero_pad = lambda x: jnp.where(row(x), x, jnp.zeros((), x.dtype))
@@ -616,9 +547,71 @@ def _clipped_sum(
     inputs = [pad_inexact(a) for a in inputs]
     out_grads = [zero_pad(g) for g in out_grads]
     rest_grads = [zero_pad(g) for g in rest_grads]
-  out, sq_norms = finish(inputs, out_grads, rest_grads)
+
+  sq_norms = jnp.zeros((b,), jnp.float32)
+  rows: dict[int, tuple[jax.Array, jax.Array, Any, np.ndarray | None]] = {}
+  vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
+  for k, c in enumerate(calls):
+    a, g = inputs[k], out_grads[k]
+    if c.rule in ("dense", "conv"):
+      a_rows, g_rows, perm = _as_rows(a, g, c)
+      _, tt, kk, cc = a_rows.shape
+      how = _outer_rule(b, tt, kk * cc, g_rows.shape[2])
+      sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
+      rows[k] = (a_rows, g_rows, per_ex, perm)
+      if "bias" in c.names:
+        sq = sq + jnp.sum(jnp.square(jnp.sum(g_rows, axis=1)), axis=1)
+      sq_norms = sq_norms + sq
+    else:
+      own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
+
+      def one(a_i, g_i, module=c.module, own=own):
+        _, vjp = jax.vjp(lambda p: module.apply({"params": p}, a_i), own)
+        return vjp(g_i)[0]
+
+      per_ex = jax.vmap(one)(a, g)
+      acc = vjp_grads.get(c.leaf_ids)
+      vjp_grads[c.leaf_ids] = (
+        per_ex if acc is None else jax.tree_util.tree_map(jnp.add, acc, per_ex)
+      )
+  for per_ex in vjp_grads.values():
+    sq_norms = sq_norms + sum(
+      jnp.sum(jnp.square(x).reshape(b, -1), axis=1) for x in jax.tree_util.tree_leaves(per_ex)
+    )
+  for g in rest_grads:
+    sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(b, -1), axis=1)
+
   norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
   factors = clip_factors(norms, l2_norm_clip, mask)
+
+  out: list[jax.Array | None] = [None] * len(leaves)
+  for k, (a_rows, g_rows, per_ex, perm) in rows.items():
+    c = calls[k]
+    scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
+    named = dict(zip(c.names, c.leaf_ids, strict=True))
+    if per_ex is None:
+      # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this several
+      # times faster than the same contraction written over two batch-like axes.
+      a2 = a_rows.reshape(-1, a_rows.shape[2] * a_rows.shape[3])
+      kernel = a2.T @ scaled.reshape(-1, scaled.shape[-1])
+    else:
+      kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
+    kernel = kernel.reshape(-1, kernel.shape[-1])
+    if perm is not None:
+      kernel = jnp.take(kernel, jnp.asarray(perm), axis=0)
+    out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
+    if "bias" in named:
+      out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
+  for leaf_ids, per_ex in vjp_grads.items():
+    summed = tree_masked_weighted_sum(per_ex, factors)
+    for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
+      out[i] = summed[n]
+  for i, g in zip(rest, rest_grads, strict=True):
+    out[i] = tree_masked_weighted_sum(g, factors)
+  out = [
+    jnp.zeros_like(leaf) if o is None else o.astype(leaf.dtype)
+    for o, leaf in zip(out, leaves, strict=True)
+  ]
   losses = jnp.where(mask, losses, 0.0)
   cs = ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
   return cs, sq_norms
