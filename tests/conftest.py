@@ -111,6 +111,30 @@ class CustomConv(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
+class Pairs(nn.Module):
+  """Each example is two 6x12 images through the same convs: a layer input with a leading
+  axis of its own (L = 2), whose cross terms the conv ghost norm must count. The second conv
+  (3x3, stride 2, VALID on 3x6) never reads the last row and column of its input."""
+
+  @nn.compact
+  def __call__(self, x):
+    n = x.shape[0]
+    x = x.reshape(n, 2, 6, 12, 1)
+    conv = functools.partial(nn.Conv, conv_general_dilated=space_to_depth_conv)
+    x = jnp.tanh(conv(4, (2, 2), strides=2, padding="VALID")(x))  # (n, 2, 3, 6, 4)
+    x = jnp.tanh(nn.Conv(6, (2, 3), strides=2, padding="VALID")(x))  # (n, 2, 1, 2, 6)
+    return nn.Dense(5)(x.reshape(n, -1))
+
+
+class Unread(nn.Module):
+  """A first conv that never reads the last row and column of the 12x12 input."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2, padding="VALID")(x))  # reads rows 0..10
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
 MODELS = {
   "cnn": TinyCNN,
   "mlp": TinyMLP,
@@ -120,6 +144,8 @@ MODELS = {
   "strided": Strided,
   "s2d": SpaceToDepth,
   "customconv": CustomConv,
+  "pairs": Pairs,
+  "unread": Unread,
 }
 
 

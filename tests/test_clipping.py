@@ -28,6 +28,11 @@ def loop_clipped_sum(loss_fn, params, batch, mask, rngs, clip):
   return total, np.array(norms)
 
 
+def force_ghost(monkeypatch):
+  """Every dense or conv layer with T > 1 takes the ghost norm, whatever it costs."""
+  monkeypatch.setattr(fast, "_outer_rule", lambda b, t, d, p, ghost: "t1" if t == 1 else "ghost")
+
+
 def assert_trees_close(a, b, atol):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
@@ -48,11 +53,12 @@ def test_reference_equals_python_loop(name):
 
 @pytest.mark.parametrize("materialize", [True, False])
 @pytest.mark.parametrize(
-  "name", ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided", "s2d", "customconv"]
+  "name",
+  ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided", "s2d", "customconv", "pairs"],
 )
 def test_fast_equals_reference(name, materialize, monkeypatch):
-  if not materialize:  # force the ghost norm and the book-keeping sum wherever they apply
-    monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
+  if not materialize:  # the ghost norm and the layer's own weight gradient wherever they apply
+    force_ghost(monkeypatch)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 9 + [False] * 3)
   rngs = jax.random.split(jax.random.key(1), 12)
@@ -130,7 +136,7 @@ def test_padding_contributes_exactly_zero_even_when_nan(engine):
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf, 1e30])
 @pytest.mark.parametrize("materialize", [True, False])
-@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "smallmaps", "s2d"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "smallmaps", "s2d", "pairs"])
 def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(
   name, materialize, poison, monkeypatch
 ):
@@ -138,7 +144,7 @@ def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(
   (found from its squared norm); every rule must expose such a row. 1e30 overflows to inf
   inside the model."""
   if not materialize:
-    monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
+    force_ghost(monkeypatch)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 8 + [False] * 4)
   images = batch["image"].at[9, 3, 4, 0].set(poison).at[11].set(poison)
@@ -153,6 +159,26 @@ def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(
   assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
   np.testing.assert_allclose(got.per_example_norms[:8], want.per_example_norms, rtol=1e-5)
   assert np.all(np.asarray(got.per_example_norms[8:]) == 0)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("materialize", [True, False])
+def test_fast_padding_rows_non_finite_where_no_window_reads(materialize, poison, monkeypatch):
+  """A padding row's non-finite input in a position no conv window reads leaves its loss
+  and norm finite, yet the clipped sum must stay exact."""
+  if not materialize:
+    force_ghost(monkeypatch)
+  loss_fn, params, batch = make_problem("unread")
+  mask = jnp.array([True] * 8 + [False] * 4)
+  images = batch["image"].at[9, 11, :, 0].set(poison).at[10, :, 11, 0].set(poison)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  got = jax.jit(lambda p, x: fast.clipped_sum(loss_fn, p, x, mask, rngs, CLIP))(
+    params, {**batch, "image": images}
+  )
+  real = jax.tree_util.tree_map(lambda x: x[:8], batch)
+  want = fast.clipped_sum(loss_fn, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
+  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
+  np.testing.assert_allclose(got.per_example_norms[:8], want.per_example_norms, rtol=1e-5)
 
 
 @pytest.mark.parametrize("engine", [reference, fast])
@@ -181,8 +207,32 @@ def test_per_layer_clipping_bounds_each_group():
 
 
 def test_norm_rule_choice(monkeypatch):
-  assert fast._outer_rule(8, 1, 512, 32) == "t1"
-  assert fast._outer_rule(8, 4, 144, 16) == "materialize"  # small enough to keep
-  monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)
-  assert fast._outer_rule(8, 4, 144, 16) == "ghost"  # 2 T^2 = 32 <= d p
-  assert fast._outer_rule(8, 196, 64, 16) == "materialize"  # 2 T^2 > d p
+  assert fast._outer_rule(8, 1, 512, 32, 0) == "t1"
+  # TF-Privacy CNN, first conv on space-to-depth input: 17x17 positions of 4 channels,
+  # 14x14 outputs, 16 taps, 16 filters: the ghost norm would cost 1.6M, materialising 200k.
+  first = (8, 196, 64, 16, 289 * 289 * 4 + 196 * 196 * (16 + 16))
+  # Its second conv: 6x6 positions of 64 channels, 5x5 outputs, 4 taps, 32 filters: 105k
+  # against 205k.
+  second = (8, 25, 256, 32, 36 * 36 * 64 + 25 * 25 * (4 + 32))
+  assert fast._outer_rule(*first) == fast._outer_rule(*second) == "materialize"  # they fit
+  monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)  # per-example gradients do not fit
+  assert fast._outer_rule(*first) == "materialize"
+  assert fast._outer_rule(*second) == "ghost"
+
+
+def test_conv_ghost_norm_positions_match_the_patches():
+  """Each (output, tap) position the Gram-matrix ghost norm reads is the patch entry."""
+  _, params, batch = make_problem("pairs")
+  for model_name in ("pairs", "strided", "s2d", "smallmaps", "cnn"):
+    loss_fn, params, batch = make_problem(model_name)
+    ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+    plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+    for call in plan.calls:
+      if call.rule != "conv":
+        continue
+      a = jax.random.normal(jax.random.key(3), (3, *call.in_shape))
+      ci = fast._conv_input(call, a)
+      patches = np.asarray(fast._conv_patches(ci, 3))  # (B, T, K, C)
+      q = fast._tap_positions(ci, 3)
+      flat = np.asarray(ci.x).reshape(3, -1, ci.x.shape[-1])
+      np.testing.assert_array_equal(flat[:, q], patches)

@@ -163,7 +163,10 @@ def test_run_keeps_per_example_aux_of_every_physical_batch():
   _, m2 = step.run(s, batch, halves)
   assert m2["aux"]["loss_copy"].shape == (14,)
   # Rows 0-11 are examples 0-11 in order; rows 12, 13 are the padding of batch two.
-  np.testing.assert_allclose(np.asarray(m2["aux"]["loss_copy"])[:12], m1["aux"]["loss_copy"])
+  # (Two compiled programs: equal up to float rounding.)
+  np.testing.assert_allclose(
+    np.asarray(m2["aux"]["loss_copy"])[:12], m1["aux"]["loss_copy"], rtol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(m2["aux"]["label"])[:12], batch["label"])
 
 

@@ -34,22 +34,42 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """Max pooling over ``window x window`` patches (VALID), as a maximum of shifted slices.
-
-  Same forward values as ``flax.linen.max_pool``; the gradient differs only on exact ties
-  (split instead of routed to one element). Written this way because XLA's CPU backend
-  runs the backward of ``reduce_window`` (select-and-scatter) about 2x slower than the
-  whole rest of the TF-Privacy CNN's backward pass; elementwise maxima differentiate cheaply.
-  """
+def _pool_slices(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
+  """Each window offset's strided slice of ``x``, in row-major order of the offsets."""
   h, w = x.shape[-3], x.shape[-2]
   oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
-  out = None
-  for i in range(window):
-    for j in range(window):
-      s = x[..., i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
-      out = s if out is None else jnp.maximum(out, s)
-  return out
+  return [
+    x[..., i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
+    for i in range(window)
+    for j in range(window)
+  ]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """Max pooling over ``window x window`` patches (VALID) of a ``(..., H, W, C)`` array.
+
+  Same values and same derivatives as ``flax.linen.max_pool``: each window's derivative is
+  that of its first maximum in row-major order. Written as a maximum of shifted slices with
+  its own (linear, so transposable) JVP because XLA's CPU backend runs the backward of
+  ``reduce_window`` (select-and-scatter) about 2x slower than the whole rest of the
+  TF-Privacy CNN's backward pass, and the derivative of ``jnp.maximum`` splits ties with
+  divisions that cost more than the pool itself.
+  """
+  return functools.reduce(jnp.maximum, _pool_slices(x, window, stride))
+
+
+@max_pool.defjvp
+def _max_pool_jvp(window: int, stride: int, primals: tuple, tangents: tuple) -> tuple:
+  (x,), (dx,) = primals, tangents
+  out = max_pool(x, window, stride)
+  zero = jnp.zeros((), dx.dtype)
+  d_out, taken = None, None
+  for s, ds in zip(_pool_slices(x, window, stride), _pool_slices(dx, window, stride), strict=True):
+    hit = s == out if taken is None else (s == out) & ~taken
+    taken = hit if taken is None else taken | hit
+    d_out = jnp.where(hit, ds, zero) if d_out is None else jnp.where(hit, ds, d_out)
+  return out, d_out
 
 
 class TFPrivacyCNN(nn.Module):
