@@ -28,9 +28,18 @@ def loop_clipped_sum(loss_fn, params, batch, mask, rngs, clip):
   return total, np.array(norms)
 
 
-def force_ghost(monkeypatch):
-  """Every dense or conv layer with T > 1 takes the ghost norm, whatever it costs."""
-  monkeypatch.setattr(fast, "_outer_rule", lambda b, t, d, p, ghost: "t1" if t == 1 else "ghost")
+def force_norm(monkeypatch, how):
+  """Every dense or conv layer with T > 1 takes the norm ``how`` ("ghost", or "gram" where
+  the layer is a conv), whatever it costs; "auto" leaves the engine's own choice."""
+  if how == "auto":
+    return
+
+  def rule(b, t, d, p, gram_macs=None):
+    if t == 1:
+      return "t1"
+    return "gram" if how == "gram" and gram_macs is not None else "ghost"
+
+  monkeypatch.setattr(fast, "_outer_rule", rule)
 
 
 def assert_trees_close(a, b, atol):
@@ -51,14 +60,13 @@ def test_reference_equals_python_loop(name):
   assert_trees_close(got.sum_of_clipped_grads, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
 @pytest.mark.parametrize(
   "name",
   ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided", "s2d", "customconv", "pairs"],
 )
-def test_fast_equals_reference(name, materialize, monkeypatch):
-  if not materialize:  # the ghost norm and the layer's own weight gradient wherever they apply
-    force_ghost(monkeypatch)
+def test_fast_equals_reference(name, how, monkeypatch):
+  force_norm(monkeypatch, how)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 9 + [False] * 3)
   rngs = jax.random.split(jax.random.key(1), 12)
@@ -135,16 +143,16 @@ def test_padding_contributes_exactly_zero_even_when_nan(engine):
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf, 1e30])
-@pytest.mark.parametrize("materialize", [True, False])
-@pytest.mark.parametrize("name", ["cnn", "mlp", "groupnorm", "smallmaps", "s2d", "pairs"])
-def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(
-  name, materialize, poison, monkeypatch
-):
+@pytest.mark.parametrize(
+  "name, how",
+  [(m, h) for m in ("cnn", "mlp", "groupnorm", "smallmaps", "s2d") for h in ("auto", "ghost")]
+  + [(m, "gram") for m in ("cnn", "smallmaps", "s2d", "pairs")],
+)
+def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(name, how, poison, monkeypatch):
   """The fast engine masks padding rows only when one of them is non-finite somewhere
   (found from its squared norm); every rule must expose such a row. 1e30 overflows to inf
   inside the model."""
-  if not materialize:
-    force_ghost(monkeypatch)
+  force_norm(monkeypatch, how)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 8 + [False] * 4)
   images = batch["image"].at[9, 3, 4, 0].set(poison).at[11].set(poison)
@@ -162,12 +170,11 @@ def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
-@pytest.mark.parametrize("materialize", [True, False])
-def test_fast_padding_rows_non_finite_where_no_window_reads(materialize, poison, monkeypatch):
+@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
+def test_fast_padding_rows_non_finite_where_no_window_reads(how, poison, monkeypatch):
   """A padding row's non-finite input in a position no conv window reads leaves its loss
   and norm finite, yet the clipped sum must stay exact."""
-  if not materialize:
-    force_ghost(monkeypatch)
+  force_norm(monkeypatch, how)
   loss_fn, params, batch = make_problem("unread")
   mask = jnp.array([True] * 8 + [False] * 4)
   images = batch["image"].at[9, 11, :, 0].set(poison).at[10, :, 11, 0].set(poison)
@@ -207,22 +214,29 @@ def test_per_layer_clipping_bounds_each_group():
 
 
 def test_norm_rule_choice(monkeypatch):
-  assert fast._outer_rule(8, 1, 512, 32, 0) == "t1"
+  assert fast._outer_rule(8, 1, 512, 32) == "t1"
   # TF-Privacy CNN, first conv on space-to-depth input: 17x17 positions of 4 channels,
-  # 14x14 outputs, 16 taps, 16 filters: the ghost norm would cost 1.6M, materialising 200k.
+  # 14x14 outputs, 16 taps, 16 filters: ghost 3.1M, Gram 1.6M, materialising 200k.
   first = (8, 196, 64, 16, 289 * 289 * 4 + 196 * 196 * (16 + 16))
-  # Its second conv: 6x6 positions of 64 channels, 5x5 outputs, 4 taps, 32 filters: 105k
-  # against 205k.
+  # Its second conv: 6x6 positions of 64 channels, 5x5 outputs, 4 taps, 32 filters:
+  # ghost 180k, Gram 105k, materialising 205k.
   second = (8, 25, 256, 32, 36 * 36 * 64 + 25 * 25 * (4 + 32))
-  assert fast._outer_rule(*first) == fast._outer_rule(*second) == "materialize"  # they fit
-  monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)  # per-example gradients do not fit
+  # A 3x3 stride-2 conv, 15x15 positions of 32 channels to 7x7 outputs of 64: ghost 845k,
+  # Gram 1.6M (four times the positions), materialising 903k.
+  strided = (8, 49, 288, 64, 225 * 225 * 32 + 49 * 49 * (9 + 64))
+  # A dense layer on 4 positions: ghost 2.6k, materialising 9.2k.
+  dense = (8, 4, 144, 16)
+  for case in (first, second, strided, dense):
+    assert fast._outer_rule(*case) == "materialize"  # the per-example gradients fit
+  monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)  # they do not
   assert fast._outer_rule(*first) == "materialize"
-  assert fast._outer_rule(*second) == "ghost"
+  assert fast._outer_rule(*second) == "gram"
+  assert fast._outer_rule(*strided) == "ghost"
+  assert fast._outer_rule(*dense) == "ghost"
 
 
-def test_conv_ghost_norm_positions_match_the_patches():
-  """Each (output, tap) position the Gram-matrix ghost norm reads is the patch entry."""
-  _, params, batch = make_problem("pairs")
+def test_conv_gram_norm_positions_match_the_patches():
+  """Each (output, tap) position the Gram-matrix norm reads is the patch entry."""
   for model_name in ("pairs", "strided", "s2d", "smallmaps", "cnn"):
     loss_fn, params, batch = make_problem(model_name)
     ex = jax.tree_util.tree_map(lambda x: x[0], batch)

@@ -7,21 +7,29 @@ sequence, or a convolution on its im2col patches), the example's weight gradient
     ||G_W||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)             (ghost norm, O(T^2 (d + p)))
               = ||einsum('td,tp->dp', a, g)||^2              (materialised, O(T d p))
 
-and for T = 1 simply ||a||^2 ||g||^2. The engine takes whichever is cheaper (ghost when
-2 T^2 <= d p). The bias gradient is ``sum_t g_t``.
+and for T = 1 simply ||a||^2 ||g||^2. For a convolution the ghost norm's ``a_t . a_s`` can also
+come from the Gram matrix of the layer input instead of the patches: with K taps,
+``a_t . a_s = sum_k G[q(t, k), q(s, k)]`` (q(t, k): the input position tap k of output t reads),
+O(P^2 C + T^2 (K + p)) for P input positions of C channels, and no patches. The engine
+materialises the per-example gradients while they fit in memory (they also give the clipped
+sum almost for free), and otherwise takes the cheapest norm. The bias gradient is ``sum_t g_t``.
 
 One batched forward pass, run under ``flax.linen.intercept_methods``, records every
 parameterised leaf layer's input ``a`` and adds a zero "perturbation" to its output; the
 gradient of the summed loss with respect to those perturbations is, row by row, each
 example's output gradient ``g`` (the loss of example i depends only on row i). From ``a`` and
 ``g`` the engine forms the per-example norms, the clip factors ``c_i = min(1, C/||G_i||)``,
-and the clipped sum by book-keeping, ``sum_i c_i G_{W,i} = einsum('btd,btp->dp', a, c g)``,
-without a second backward pass.
+and the clipped sum by book-keeping, ``sum_i c_i G_{W,i} = einsum('btd,btp->dp', a, c g)``
+(a weighted sum of the materialised gradients, or, after a Gram-matrix norm, the layer's own
+weight gradient at the re-weighted output gradients), without a second backward pass of the
+model.
 
 Padding rows are not masked in the layer inputs and output gradients (masking them costs
 about 15% of the step): their clip factor is exactly 0, and a finite value times 0 adds
 exactly 0. A non-finite value in a padding row shows in that row's squared norm, and only
 then is the sum recomputed with the padding rows zeroed, in a branch that otherwise never runs.
+(A conv's Gram-matrix norm reads only the input positions some window reads, so the weight
+gradient that gives its clipped sum takes the layer input with the padding rows zeroed.)
 
 Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, layers called more than once,
 e.g. a critic that sees a real and a fake input) fall back to per-example gradients for that
@@ -407,7 +415,7 @@ def _tap_positions(ci: _ConvInput, b: int) -> np.ndarray:
   return (np.arange(items)[:, None, None] * size + flat[None]).reshape(-1, flat.shape[1])
 
 
-def _conv_ghost_sq_norm(ci: _ConvInput, g_rows: jax.Array) -> jax.Array:
+def _conv_gram_sq_norm(ci: _ConvInput, g_rows: jax.Array) -> jax.Array:
   """Per-example ghost norm of a conv's weight gradient from the Gram matrix of its input.
 
   With patches ``a_t = (x[q(t, k)])_k`` (q(t, k): the position that tap k of output t
@@ -432,29 +440,32 @@ MATERIALIZE_ELEMENTS = 1 << 26
 class _Kept(NamedTuple):
   """What a dense or conv layer's norm leaves for its clipped sum."""
 
-  how: str  # "t1", "materialize" or "ghost"
-  a_rows: jax.Array | None  # (B, T, K, C) inputs or patches ("t1", "materialize")
+  how: str  # "t1", "materialize", "ghost" or "gram"
+  a_rows: jax.Array | None  # (B, T, K, C) inputs or patches (all but "gram")
   g_rows: jax.Array  # (B, T, p) output gradients
   per_ex: jax.Array | None  # (B, p, K*C) per-example weight gradients ("materialize")
   perm: np.ndarray | None  # rows -> kernel order, see _ConvInput
 
 
-def _outer_rule(b: int, t: int, d: int, p: int, ghost_macs: int) -> str:
-  """How to get ||sum_t a_t^T g_t||^2: "t1", "materialize" (and reuse) or "ghost".
+def _outer_rule(b: int, t: int, d: int, p: int, gram_macs: int | None = None) -> str:
+  """How to get ||sum_t a_t^T g_t||^2: "t1", "materialize", "ghost" or "gram".
 
   Materialising costs T*d*p multiply-adds per example and makes the clipped sum almost
-  free (a weighted sum of the stored gradients). The ghost norm costs ``ghost_macs`` per
-  example and keeps nothing per example, but leaves the clipped sum to the layer's own
-  weight gradient at the re-weighted output gradients (another batched backward of the
-  layer, T*d*p per example). So materialise whenever the per-example gradients fit in
-  memory, and otherwise take the cheaper norm. (Measured on the 2-core CPU, TF-Privacy CNN
-  second conv: the ghost norm at half the multiply-adds still made the step 1.14x slower.)
+  free (a weighted sum of the stored gradients). The ghost norm from the rows (or patches)
+  costs T^2 (d + p) and leaves the book-keeping sum (another T*d*p, as one 2-D matmul); a
+  conv's ghost norm from the Gram matrix of its input costs ``gram_macs``, needs no patches
+  and leaves the sum to the layer's own weight gradient at the re-weighted output
+  gradients. Materialise whenever the per-example gradients fit in memory, and otherwise
+  take the cheapest norm. (Measured on the 2-core CPU, TF-Privacy CNN second conv: the
+  Gram norm at half the multiply-adds of materialising still made the step 1.14x slower.)
   """
   if t == 1:
     return "t1"
-  if b * d * p <= MATERIALIZE_ELEMENTS or ghost_macs >= t * d * p:
+  ghost, materialize = t * t * (d + p), t * d * p
+  gram = materialize if gram_macs is None else gram_macs
+  if b * d * p <= MATERIALIZE_ELEMENTS or min(ghost, gram) >= materialize:
     return "materialize"
-  return "ghost"
+  return "gram" if gram < ghost else "ghost"
 
 
 def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, _Kept]:
@@ -465,16 +476,15 @@ def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, 
   t, p = g_rows.shape[1:]
   if call.rule == "dense":
     a_rows = a.reshape(b, -1, 1, a.shape[-1])
-    d = a.shape[-1]
-    how = _outer_rule(b, t, d, p, t * t * (d + p))
+    how = _outer_rule(b, t, a.shape[-1], p)
     sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
     return sq, _Kept(how, a_rows, g_rows, per_ex, None)
   ci = _conv_input(call, a)
   positions = int(np.prod(ci.x.shape[:-1])) // b
   k, c = int(np.prod(ci.taps)), ci.x.shape[-1]
   how = _outer_rule(b, t, k * c, p, positions * positions * c + t * t * (k + p))
-  if how == "ghost":
-    return _conv_ghost_sq_norm(ci, g_rows), _Kept(how, None, g_rows, None, None)
+  if how == "gram":
+    return _conv_gram_sq_norm(ci, g_rows), _Kept(how, None, g_rows, None, None)
   a_rows = _conv_patches(ci, b)
   sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
   return sq, _Kept(how, a_rows, g_rows, per_ex, ci.perm)
@@ -659,11 +669,11 @@ def _clipped_sum(
   for k, kept in rows.items():
     c = calls[k]
     named = dict(zip(c.names, c.leaf_ids, strict=True))
-    if kept.how == "ghost":
+    if kept.how == "gram":
       # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
       g = out_grads[k]
       scaled = g * factors.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-      # The conv ghost norm reads only the input positions that some window reads, so a
+      # The Gram-matrix norm reads only the input positions that some window reads, so a
       # non-finite value elsewhere in a padding row would not show in its norm: zero those
       # rows here (one select, fused into the layer's own input transposition).
       a = inputs[k]
