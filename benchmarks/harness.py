@@ -55,6 +55,7 @@ QUICK_IMPLS = {
   "tf_cnn": workers.IMPLS,
   "dp_cnn": ("torch_nonprivate",),
   "mlp": ("jaxdp_nonprivate",),
+  "vae": ("jaxdp_private",),
 }
 OTHER_LOAD_WARN = 0.1  # warn when other processes used > 10% of the CPUs while timing
 

@@ -44,7 +44,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-MODELS = ("tf_cnn", "dp_cnn", "mlp")
+MODELS = ("tf_cnn", "dp_cnn", "mlp", "vae")
+# Models with no PyTorch twin here: the PyTorch implementations skip them with a reason.
+JAX_ONLY_MODELS = ("vae",)
 JAX_IMPLS = ("jaxdp_private", "jaxdp_reference", "jaxdp_nonprivate", "optax_dp", "jax_privacy")
 OPACUS_IMPLS = ("opacus_hooks", "opacus_functorch", "opacus_ew", "opacus_ghost")
 TORCH_IMPLS = (*OPACUS_IMPLS, "torch_nonprivate", "loop")
@@ -213,36 +215,63 @@ def init_params(model: Any) -> Any:
   import jax.numpy as jnp
 
   key = jax.random.key(0, impl="rbg")
-  return jax.jit(model.init)(key, jnp.zeros((1, *IMAGE_SHAPE)))["params"]
+  x = jnp.zeros((1, *IMAGE_SHAPE))
+  if hasattr(model, "latent_dim"):  # the VAE also takes labels and a key
+    init = lambda k: model.init(k, x, jnp.zeros((1,), jnp.int32), k)
+    return jax.jit(init)(key)["params"]
+  return jax.jit(model.init)(key, x)["params"]
+
+
+def jax_model(name: str) -> tuple[Any, Any]:
+  """The Flax model called ``name`` and its per-example loss ``loss_fn(params, ex, rng)``
+  (returning ``(loss, aux)``). ``vae`` is the VAE of ``experiments/dp_vae_synth.py`` with
+  its default settings."""
+  from jaxdp.models import ConditionalVAE, classifier_loss, make_classifier, vae_loss
+
+  if name == "vae":
+    model = ConditionalVAE()
+    return model, vae_loss(model)
+  model = make_classifier(name)
+  return model, classifier_loss(model)
 
 
 def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
   """jaxdp's step (auto / reference / non-private), optax's DP aggregate or JAX-Privacy."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
 
-  from jaxdp.models import make_classifier
-
   dev = _jax_device(device)
-  model = make_classifier(model_name)
+  model, per_example_loss = jax_model(model_name)
   images, labels, index_batches = synthetic_data(batch)
+  if model_name == "vae":  # Bernoulli decoder: pixel intensities in [0, 1]
+    images = 1.0 / (1.0 + np.exp(-images))
   data = {"image": jax.device_put(images, dev), "label": jax.device_put(labels, dev)}
   indices = [jax.device_put(i, dev) for i in index_batches]
   mask = jax.device_put(jnp.ones((batch,), bool), dev)
   params = init_params(model)
   info: dict[str, Any] = {"jax": jax.__version__}
 
-  def batch_loss(p, x, y):
-    logits = model.apply({"params": p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  # The peers' loss of a batch of one, ``(1, ...)`` arrays; the VAE's also takes that
+  # example's key (for its noise), the classifiers' none (their code as before the VAE).
+  keyed = model_name == "vae"
+  if keyed:
+
+    def batch_loss(p, x, y, key):
+      return per_example_loss(p, {"image": x[0], "label": y[0]}, key)[0]
+
+  else:
+
+    def batch_loss(p, x, y):
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def gather(d, i):
     return jnp.take(d["image"], i, axis=0), jnp.take(d["label"], i, axis=0)
 
   if impl.startswith("jaxdp_"):
     from jaxdp import DPConfig, init_state, make_step
-    from jaxdp.models import classifier_loss
 
     opt = optax.sgd(LEARNING_RATE)
     privacy = None
@@ -252,7 +281,7 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
         l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER, engine=engine
       )
     step_obj = make_step(
-      classifier_loss(model),
+      per_example_loss,
       opt,
       privacy,
       expected_batch_size=batch if privacy is not None else None,
@@ -271,19 +300,25 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
       ),
       optax.sgd(LEARNING_RATE),
     )
-    per_example_grads = jax.vmap(
-      jax.grad(lambda p, x, y: batch_loss(p, x[None], y[None])), in_axes=(None, 0, 0)
-    )
+
+    def one_grad(p, x, y, *key):
+      return jax.grad(batch_loss)(p, x[None], y[None], *key)
+
+    per_example_grads = jax.vmap(one_grad, in_axes=(None, 0, 0) + (0,) * keyed)
 
     @jax.jit
     def fn(s, d, i, m):
       del m  # optax's aggregate takes no padding mask; every row is real here
-      p, opt_state = s
-      grads = per_example_grads(p, *gather(d, i))
+      p, opt_state, *key = s
+      keys = ()
+      if keyed:
+        key[0], sub = jax.random.split(key[0])
+        keys = (jax.random.split(sub, i.shape[0]),)
+      grads = per_example_grads(p, *gather(d, i), *keys)
       updates, opt_state = tx.update(grads, opt_state, p)
-      return (optax.apply_updates(p, updates), opt_state), None
+      return (optax.apply_updates(p, updates), opt_state, *key), None
 
-    state = (params, tx.init(params))
+    state = (params, tx.init(params), *[jax.random.key(2)] * keyed)
     call = fn
   elif impl == "jax_privacy":
     import jax_privacy
@@ -292,8 +327,13 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
     info["jax_privacy"] = jax_privacy.__version__
     # Sum of clipped per-example gradients divided by the public batch size; its sensitivity
     # (clip / batch) scales the Gaussian privatizer's noise.
+    # For the VAE JAX-Privacy splits the key into one per example (prng_argnum).
     grad_fn = jax_privacy.clipped_grad(
-      batch_loss, l2_clip_norm=L2_NORM_CLIP, batch_argnums=(1, 2), normalize_by=batch
+      batch_loss,
+      l2_clip_norm=L2_NORM_CLIP,
+      batch_argnums=(1, 2),
+      normalize_by=batch,
+      prng_argnum=3 if keyed else None,
     )
     privatizer = noise_addition.gaussian_privatizer(
       stddev=grad_fn.sensitivity() * NOISE_MULTIPLIER, prng_key=jax.random.key(1)
@@ -302,13 +342,17 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
 
     @jax.jit
     def fn(s, d, i, m):
-      p, noise_state, opt_state = s
-      grads = grad_fn(p, *gather(d, i), is_padding_example=~m)
+      p, noise_state, opt_state, *key = s
+      keys = ()
+      if keyed:
+        key[0], sub = jax.random.split(key[0])
+        keys = (sub,)
+      grads = grad_fn(p, *gather(d, i), *keys, is_padding_example=~m)
       grads, noise_state = privatizer.update(grads, noise_state)
       updates, opt_state = sgd.update(grads, opt_state, p)
-      return (optax.apply_updates(p, updates), noise_state, opt_state), None
+      return (optax.apply_updates(p, updates), noise_state, opt_state, *key), None
 
-    state = (params, privatizer.init(params), sgd.init(params))
+    state = (params, privatizer.init(params), sgd.init(params), *[jax.random.key(2)] * keyed)
     call = fn
   else:
     raise ValueError(f"--impl {impl!r} is not a JAX implementation; one of {JAX_IMPLS}")
@@ -390,6 +434,8 @@ def _first_line(e: BaseException) -> str:
 
 def build_torch(impl: str, model_name: str, batch: int, device: str) -> Runner:
   """Opacus in one grad_sample_mode, plain PyTorch, or the per-example loop (PyVacy style)."""
+  if model_name in JAX_ONLY_MODELS:
+    raise UnavailableError(f"no PyTorch twin of the {model_name} model in benchmarks/ yet")
   import torch
   from torch import nn
 
@@ -670,7 +716,7 @@ def check_models() -> dict[str, Any]:
 
   out: dict[str, Any] = {}
   images = np.random.default_rng(0).standard_normal((4, *IMAGE_SHAPE), dtype=np.float32)
-  for name in MODELS:
+  for name in (m for m in MODELS if m not in JAX_ONLY_MODELS):
     model = make_classifier(name)
     params = init_params(model)
     flax_logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
