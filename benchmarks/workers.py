@@ -214,9 +214,11 @@ def init_params(model: Any) -> Any:
   import jax
   import jax.numpy as jnp
 
+  from jaxdp.models import ConditionalVAE
+
   key = jax.random.key(0, impl="rbg")
   x = jnp.zeros((1, *IMAGE_SHAPE))
-  if hasattr(model, "latent_dim"):  # the VAE also takes labels and a key
+  if isinstance(model, ConditionalVAE):  # the VAE also takes labels and a key
     init = lambda k: model.init(k, x, jnp.zeros((1,), jnp.int32), k)
     return jax.jit(init)(key)["params"]
   return jax.jit(model.init)(key, x)["params"]

@@ -625,9 +625,9 @@ def _clipped_sum(
     perturbs, rest_copies
   )
 
+  row = lambda x: mask.reshape((-1,) + (1,) * (x.ndim - 1))
+  zero_pad = lambda x: jnp.where(row(x), x, jnp.zeros((), x.dtype))
   if zero_padding:
-    row = lambda x: mask.reshape((-1,) + (1,) * (x.ndim - 1))
-    zero_pad = lambda x: jnp.where(row(x), x, jnp.zeros((), x.dtype))
     pad_inexact = lambda x: zero_pad(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x
     inputs = [pad_inexact(a) for a in inputs]
     out_grads = [zero_pad(g) for g in out_grads]
@@ -676,8 +676,7 @@ def _clipped_sum(
       # The Gram-matrix norm reads only the input positions that some window reads, so a
       # non-finite value elsewhere in a padding row would not show in its norm: zero those
       # rows here (one select, fused into the layer's own input transposition).
-      a = inputs[k]
-      a = jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+      a = zero_pad(inputs[k])
       own = {n: leaves[i] for n, i in named.items()}
       _, layer_vjp = jax.vjp(lambda p, c=c, a=a: c.module.apply({"params": p}, a), own)
       summed = layer_vjp(scaled)[0]
