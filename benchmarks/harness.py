@@ -49,13 +49,14 @@ MEMORY_IMPLS = ("jaxdp_private", "jaxdp_nonprivate")
 FULL_BATCHES = {"cpu": (64, 256, 1024), "gpu": (256, 1024, 4096, 16384)}
 MEMORY_BATCH = {"cpu": 1024, "gpu": 4096}
 # Quick mode: every implementation on the TF-Privacy CNN at batch 32 (Opacus "ew" fails on
-# convolutions below 32), one per framework on the other models.
+# convolutions below 32), one or two implementations on each other model.
 QUICK_BATCH = 32
 QUICK_IMPLS = {
   "tf_cnn": workers.IMPLS,
   "dp_cnn": ("torch_nonprivate",),
+  "scatter_cnn": ("jaxdp_private", "opacus_hooks"),
   "mlp": ("jaxdp_nonprivate",),
-  "vae": ("jaxdp_private",),
+  "vae": ("jaxdp_private", "opacus_ghost"),
 }
 OTHER_LOAD_WARN = 0.1  # warn when other processes used > 10% of the CPUs while timing
 

@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _parse_epsilons(parser: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
-  """``"1,2,3"`` -> (1.0, 2.0, 3.0); Config checks the values."""
+def parse_epsilons(parser: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
+  """``"1,3,inf"`` -> (1.0, 3.0, inf) for ``--epsilons`` (both experiments); each
+  experiment's Config checks the values."""
   try:
     values = tuple(float(v) for v in text.split(",") if v.strip())
   except ValueError:
@@ -384,7 +385,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
   momentum = a.momentum
   if momentum is None and a.optimizer == "sgd":
     momentum = Config.momentum
-  epsilons = _parse_epsilons(parser, a.epsilons) if a.epsilons is not None else ()
+  epsilons = parse_epsilons(parser, a.epsilons) if a.epsilons is not None else ()
 
   try:
     return Config(
@@ -656,7 +657,12 @@ def _run_dir(cfg: Config) -> Path:
     else:
       tag = f"eps{cfg.target_epsilon:g}"
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{tag}" + ("-quick" if cfg.quick else "")
-  base = Path(cfg.out) / name
+  return fresh_dir(Path(cfg.out) / name)
+
+
+def fresh_dir(base: Path) -> Path:
+  """Creates and returns ``base``, or ``base-2``, ``base-3``, ... if it exists (both
+  experiments' run folders)."""
   path, k = base, 1
   while path.exists():
     k += 1

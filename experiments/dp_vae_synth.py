@@ -507,17 +507,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _parse_epsilons(parser: argparse.ArgumentParser, text: str) -> tuple[float, ...]:
-  """``"1,3,inf"`` -> (1.0, 3.0, inf); Config checks the values."""
-  try:
-    values = tuple(float(v) for v in text.split(",") if v.strip())
-  except ValueError:
-    values = ()
-  if not values:
-    parser.error(f"--epsilons must be a comma-separated list of numbers or inf, got {text!r}")
-  return values
-
-
 def parse_config(argv: Sequence[str] | None = None) -> Config:
   """Parses and validates the flags; a bad flag exits with one line on stderr (status 2)."""
   parser = build_parser()
@@ -527,7 +516,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
   train_size = pick(a.train_size, "train_size")
   if a.dataset == "synthetic" and a.train_size is None:
     train_size = None  # the synthetic set is already tiny
-  epsilons = _parse_epsilons(parser, a.epsilons) if a.epsilons is not None else ()
+  epsilons = dp_classifier.parse_epsilons(parser, a.epsilons) if a.epsilons is not None else ()
   try:
     return Config(
       dataset=a.dataset,
@@ -903,13 +892,7 @@ def _run_dir(cfg: Config, jobs: list[Job]) -> Path:
   else:
     tag = "sweep" if len(jobs) > 1 else jobs[0].slug
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}" + ("-quick" if cfg.quick else "")
-  base = Path(cfg.out) / name
-  path, k = base, 1
-  while path.exists():
-    k += 1
-    path = base.with_name(f"{base.name}-{k}")
-  path.mkdir(parents=True)
-  return path
+  return dp_classifier.fresh_dir(Path(cfg.out) / name)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -226,8 +226,16 @@ def test_norm_rule_choice(monkeypatch):
   strided = (8, 49, 288, 64, 225 * 225 * 32 + 49 * 49 * (9 + 64))
   # A dense layer on 4 positions: ghost 2.6k, materialising 9.2k.
   dense = (8, 4, 144, 16)
-  for case in (first, second, strided, dense):
+  # The ScatterNet CNN's first conv, 9x9 positions of 81 channels to 7x7 outputs of 32:
+  # patches and gradients 59k entries per example, Gram 630k, materialising 1.14M.
+  scatter = (8, 49, 729, 32, 81 * 81 * 81 + 49 * 49 * (9 + 32))
+  # The same with 32 channels to 64: 33k entries, below the threshold.
+  small = (8, 49, 288, 64, 81 * 81 * 32 + 49 * 49 * (9 + 64))
+  # With big patches but Gram at 0.81x materialising (9x9x64 to 32 filters).
+  dear = (8, 81, 576, 32, 121 * 121 * 64 + 81 * 81 * (9 + 32))
+  for case in (first, second, strided, dense, small, dear):
     assert fast._outer_rule(*case) == "materialize"  # the per-example gradients fit
+  assert fast._outer_rule(*scatter) == "gram"  # big patches, Gram much cheaper
   monkeypatch.setattr(fast, "MATERIALIZE_ELEMENTS", 0)  # they do not
   assert fast._outer_rule(*first) == "materialize"
   assert fast._outer_rule(*second) == "gram"
