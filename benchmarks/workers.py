@@ -222,16 +222,16 @@ def _jax_device(device: str):
     raise UnavailableError(f"jax {jax.__version__} has no {device.upper()} backend here") from e
 
 
-def init_params(model: Any) -> Any:
-  """The model's initial params (jitted; the "rbg" key compiles ~4x faster than threefry)."""
+def init_params(model: Any, shape: tuple[int, ...]) -> Any:
+  """The model's initial params for examples of ``shape`` (see :func:`input_shape`); jitted,
+  the "rbg" key compiles ~4x faster than threefry."""
   import jax
   import jax.numpy as jnp
 
   from jaxdp.models import ConditionalVAE
-  from jaxdp.models.scatternet import ScatterCNN
 
   key = jax.random.key(0, impl="rbg")
-  x = jnp.zeros((1, *(SCATTER_SHAPE if isinstance(model, ScatterCNN) else IMAGE_SHAPE)))
+  x = jnp.zeros((1, *shape))
   if isinstance(model, ConditionalVAE):  # the VAE also takes labels and a key
     init = lambda k: model.init(k, x, jnp.zeros((1,), jnp.int32), k)
     return jax.jit(init)(key)["params"]
@@ -270,7 +270,7 @@ def build_jax(impl: str, model_name: str, batch: int, device: str) -> Runner:
   data = {"image": jax.device_put(images, dev), "label": jax.device_put(labels, dev)}
   indices = [jax.device_put(i, dev) for i in index_batches]
   mask = jax.device_put(jnp.ones((batch,), bool), dev)
-  params = init_params(model)
+  params = init_params(model, input_shape(model_name))
   info: dict[str, Any] = {"jax": jax.__version__}
 
   # The peers' loss of a batch of one, ``(1, ...)`` arrays; the VAE's also takes that
@@ -409,7 +409,6 @@ def torch_model(name: str):
 
   if name == "vae":
     return _torch_vae()
-
   if name == "tf_cnn":
     # TF 'SAME' for an 8x8 kernel, stride 2 on 28x28: 14x14 output, total padding
     # (14 - 1) * 2 + 8 - 28 = 6, split 3 / 3, so symmetric padding=3 is exact.
@@ -862,7 +861,7 @@ def _check_classifier(name: str) -> dict[str, Any]:
   from torch import nn
 
   model, _ = jax_model(name)
-  params = _perturbed(init_params(model), 1)
+  params = _perturbed(init_params(model, input_shape(name)), 1)
   images = np.random.default_rng(0).standard_normal((4, *input_shape(name)), dtype=np.float32)
   flax_out = np.asarray(jax.jit(model.apply)({"params": params}, images))
   tmodel = torch_model(name)
@@ -873,6 +872,7 @@ def _check_classifier(name: str) -> dict[str, Any]:
   with torch.no_grad():
     tmodel(timages)  # records the (N, C, H, W) shape that is flattened
   layers = [m for m in tmodel.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm))]
+  # Flax names count per kind; PyTorch's order is GroupNorm, convs, then dense layers.
   keys = [
     f"{kind}_{i}"
     for kind in ("GroupNorm", "Conv", "Dense")
@@ -880,7 +880,6 @@ def _check_classifier(name: str) -> dict[str, Any]:
   ]
   if len(layers) != len(keys):
     raise AssertionError(f"{name}: {len(layers)} torch layers, {len(keys)} flax")
-  # Flax names count per kind; PyTorch's order is GroupNorm, convs, then dense layers.
   flat = tuple(flat_shape[0][1:]) if len(flat_shape[0]) == 4 else None
   _copy_weights([(layer, params[k]) for layer, k in zip(layers, keys, strict=True)], flat)
   with torch.no_grad():
@@ -895,9 +894,9 @@ def _check_vae() -> dict[str, Any]:
   from jaxdp.models import ConditionalVAE
 
   model, _ = jax_model("vae")
-  params = _perturbed(init_params(model), 2)
+  params = _perturbed(init_params(model, input_shape("vae")), 2)
   rng = np.random.default_rng(0)
-  images = rng.uniform(size=(4, *IMAGE_SHAPE)).astype(np.float32)
+  images = rng.uniform(size=(4, *input_shape("vae"))).astype(np.float32)
   labels = np.array([0, 3, 7, 9], np.int32)
   eps = rng.standard_normal((4, VAE_LATENT)).astype(np.float32)
   v = {"params": params}
