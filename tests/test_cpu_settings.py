@@ -80,3 +80,51 @@ def test_xla_flags_added_unless_disabled():
   # A flag the user set is kept as the user set it.
   mine = _probe(XLA_FLAGS="--xla_cpu_use_onednn=false")["xla"]
   assert "--xla_cpu_use_onednn=false" in mine and "--xla_cpu_use_onednn=true" not in mine
+
+
+def _private_step_hlo() -> str:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jaxdp
+  from jaxdp.models import classifier_loss
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jnp.tanh(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = Tiny()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
+  opt = optax.sgd(0.1)
+  step = jaxdp.make_step(
+    classifier_loss(model),
+    opt,
+    jaxdp.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0),
+    expected_batch_size=4,
+    has_aux=True,
+  )
+  data = {"image": jnp.ones((4, 6, 6, 1)), "label": jnp.zeros((4,), jnp.int32)}
+  state = jaxdp.init_state(params, opt, jax.random.key(1))
+  args = (state, data, jnp.arange(4), jnp.ones((4,), bool))
+  return step._fused.lower(*args).compile().as_text()
+
+
+def test_private_step_sends_dots_to_onednn(monkeypatch):
+  import jax
+
+  from jaxdp import _cpu_flags
+
+  if jax.default_backend() != "cpu" or _cpu_flags._jaxlib_minor() not in (
+    _cpu_flags.PRIVATE_STEP_OPTIONS
+  ):
+    pytest.skip("the option is for jaxlib versions it was measured on, on the CPU")
+  # The per-example weight gradients of the conv are a batched dot: oneDNN runs it.
+  assert "onednn_fusion" in _private_step_hlo()
+  # Control: without the option XLA keeps its own dot, so the assertion above can fail.
+  monkeypatch.setenv("JAXDP_XLA_FLAGS", "0")
+  assert _cpu_flags.private_step_options() is None
+  assert "onednn_fusion" not in _private_step_hlo()
