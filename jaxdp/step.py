@@ -28,7 +28,7 @@ import optax
 
 from jaxdp import _cpu_flags, _validate
 from jaxdp.clipping import fast, reference
-from jaxdp.clipping._common import ClippedSum, PerExampleLoss, split_loss, stack_rngs
+from jaxdp.clipping._common import ClippedSum, PerExampleLoss, after, split_loss, stack_rngs
 from jaxdp.noise import privatize
 
 PyTree = Any
@@ -139,20 +139,6 @@ def _gather(data: PyTree, indices: jax.Array) -> PyTree:
   return jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
 
 
-def _after(token: PyTree, tree: PyTree) -> PyTree:
-  """``tree`` made to depend on ``token`` (values unchanged): ``x + 0 * t`` on float leaves.
-
-  This keeps microbatches sequential, so their working memories do not add up. XLA's CPU
-  compiler drops ``optimization_barrier`` before it schedules, but it cannot fold ``0 * t``
-  for floats (NaN and inf), so the dependency survives. Should ``t`` be NaN or inf, the
-  result is NaN, as the sum being accumulated already is.
-  """
-  t = next(x for x in jax.tree_util.tree_leaves(token) if jnp.issubdtype(x.dtype, jnp.inexact))
-  zero = 0.0 * t.reshape(-1)[0]
-  add = lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
-  return jax.tree_util.tree_map(add, tree)
-
-
 def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
   n = jnp.sum(mask)
   denom = jnp.maximum(n, 1)
@@ -235,7 +221,7 @@ class Step:
       rows = slice(c * size, (c + 1) * size)
       params_c, batch_c = params, jax.tree_util.tree_map(lambda x, r=rows: x[r], batch)
       if total is not None:
-        params_c, batch_c = _after(total, (params_c, batch_c))
+        params_c, batch_c = after(total, (params_c, batch_c))
       cs = self._sum_rows(params_c, batch_c, mask[rows], rngs[rows])
       g = cs.sum_of_clipped_grads
       total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)

@@ -67,6 +67,7 @@ from jaxdp.clipping._common import (
   ClippedSum,
   PerExampleLoss,
   PyTree,
+  after,
   clip_factors,
   split_loss,
   tree_masked_weighted_sum,
@@ -384,16 +385,27 @@ def _conv_patches(ci: _ConvInput, b: int) -> jax.Array:
   which XLA's CPU backend runs slower than the copies they amount to once fused into the
   layers around them. The space-to-depth form of a strided conv (see :class:`_ConvInput`)
   makes fewer, larger copies: about 2x faster for the TF-Privacy CNN's first layer.
+
+  The slices are stacked one spatial axis at a time (a stack of stacks): XLA's CPU backend
+  fuses a concatenation of at most 8 operands with the slices it reads, and writes each
+  slice to a buffer of its own before concatenating otherwise. For the TF-Privacy CNN's
+  first layer (4x4 taps) the nested form is one fusion instead of 16 copies and a
+  concatenation: half the working memory of the patches (12.3 vs 23.7 MiB at batch 256,
+  with the per-example gradients), 1.5x faster with them.
   """
   x = ci.x
-  slices = []
-  for offsets in np.ndindex(*ci.taps):
-    sl = tuple(
-      slice(o * ts, o * ts + (out - 1) * st + 1, st)
-      for o, ts, out, st in zip(offsets, ci.tap_step, ci.out, ci.step, strict=True)
-    )
-    slices.append(x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1]))
-  return jnp.stack(slices, axis=2)
+
+  def nest(offsets: tuple[int, ...]) -> jax.Array:
+    axis = len(offsets)
+    if axis == len(ci.taps):
+      sl = tuple(
+        slice(o * ts, o * ts + (out - 1) * st + 1, st)
+        for o, ts, out, st in zip(offsets, ci.tap_step, ci.out, ci.step, strict=True)
+      )
+      return x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1])
+    return jnp.stack([nest((*offsets, o)) for o in range(ci.taps[axis])], axis=2)
+
+  return nest(()).reshape(b, -1, int(np.prod(ci.taps)), x.shape[-1])
 
 
 def _tap_positions(ci: _ConvInput, b: int) -> np.ndarray:
@@ -570,16 +582,7 @@ def clipped_sum(
   if plan is None:
     first = lambda x: x[0]
     plan = discover(loss_fn, params, jax.tree_util.tree_map(first, batch), rngs[0], has_aux)
-  args = (loss_fn, params, batch, mask, rngs, l2_norm_clip, has_aux, plan)
-  # Padding rows need no masking of the (large) layer inputs and output gradients while they
-  # are finite: their clip factor is exactly 0, and a finite value times 0 adds exactly 0.
-  # A non-finite value anywhere in a padding row's layer inputs or output gradients makes
-  # that row's squared norm non-finite (each rule's norm sums products of all of them; the
-  # per-layer vjp and vmap sums mask on their own), and only then is the sum recomputed
-  # with those rows zeroed: in a branch that normally never runs.
-  raw, sq = _clipped_sum(*args, zero_padding=False)
-  bad_padding = jnp.any(~mask & ~jnp.isfinite(sq))
-  return jax.lax.cond(bad_padding, lambda: _clipped_sum(*args, zero_padding=True)[0], lambda: raw)
+  return _clipped_sum(loss_fn, params, batch, mask, rngs, l2_norm_clip, has_aux, plan)
 
 
 def _clipped_sum(
@@ -591,10 +594,19 @@ def _clipped_sum(
   l2_norm_clip: float,
   has_aux: bool,
   plan: LayerPlan,
-  zero_padding: bool,
-) -> tuple[ClippedSum, jax.Array]:
-  """:func:`clipped_sum`, and the rows' squared norms before masking; with ``zero_padding``
-  the padding rows' layer inputs and output gradients are zeroed first."""
+) -> ClippedSum:
+  """:func:`clipped_sum` for a given plan.
+
+  Padding rows need no masking of the (large) layer inputs and output gradients while they
+  are finite: their clip factor is exactly 0, and a finite value times 0 adds exactly 0. A
+  non-finite value anywhere in a padding row's layer inputs or output gradients makes that
+  row's squared norm non-finite (each rule's norm sums products of all of them; the
+  per-layer vjp and vmap sums mask on their own), and only then are the sums taken again
+  from the same layer inputs and output gradients with those rows zeroed, in a branch that
+  normally never runs. The branch reuses the forward and backward pass: it holds no second
+  copy of the model's activations (it used to recompute them, which made it the step's
+  largest working memory: 46.3 vs 37.9 MiB for the TF-Privacy CNN at batch 256).
+  """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   b = mask.shape[0]
   calls = plan.calls
@@ -646,19 +658,22 @@ def _clipped_sum(
 
   row = lambda x: mask.reshape((-1,) + (1,) * (x.ndim - 1))
   zero_pad = lambda x: jnp.where(row(x), x, jnp.zeros((), x.dtype))
-  if zero_padding:
-    pad_inexact = lambda x: zero_pad(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x
-    inputs = [pad_inexact(a) for a in inputs]
-    out_grads = [zero_pad(g) for g in out_grads]
-    rest_grads = [zero_pad(g) for g in rest_grads]
-
   sq_norms = jnp.zeros((b,), jnp.float32)
   rows: dict[int, _Kept] = {}
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
+  # The dense and conv norms run one layer after another, in call order, and only after the
+  # backward pass: each layer's input is made to depend on the previous norm (the first on
+  # every output gradient). Otherwise XLA builds a layer's patches as soon as its input
+  # exists, during the forward pass, and holds them, and every layer's at once, through the
+  # backward pass. The first layers usually have the largest patches and the smallest
+  # per-example gradients, so call order frees the most memory first. TF-Privacy CNN at
+  # batch 256: 37.0 -> 27.6 MiB of working memory (non-private 14.4).
+  token: Any = out_grads
   for k, c in enumerate(calls):
     a, g = inputs[k], out_grads[k]
     if c.rule in ("dense", "conv"):
-      sq, rows[k] = _layer_sq_norm(c, a, g)
+      sq, rows[k] = _layer_sq_norm(c, after(token, a), g)
+      token = sq
       if "bias" in c.names:
         sq = sq + jnp.sum(jnp.square(jnp.sum(rows[k].g_rows, axis=1)), axis=1)
       sq_norms = sq_norms + sq
@@ -684,49 +699,58 @@ def _clipped_sum(
   norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
   factors = clip_factors(norms, l2_norm_clip, mask)
 
-  out: list[jax.Array | None] = [None] * len(leaves)
-  for k, kept in rows.items():
-    c = calls[k]
-    named = dict(zip(c.names, c.leaf_ids, strict=True))
-    if kept.how == "gram":
-      # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
-      g = out_grads[k]
-      scaled = g * factors.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-      # The Gram-matrix norm reads only the input positions that some window reads, so a
-      # non-finite value elsewhere in a padding row would not show in its norm: zero those
-      # rows here (one select, fused into the layer's own input transposition).
-      a = zero_pad(inputs[k])
-      own = {n: leaves[i] for n, i in named.items()}
-      _, layer_vjp = jax.vjp(lambda p, c=c, a=a: c.module.apply({"params": p}, a), own)
-      summed = layer_vjp(scaled)[0]
-      for n, i in named.items():
+  def sums(zero_padding: bool) -> list[jax.Array]:
+    """The clipped sum of every parameter leaf; ``zero_padding`` zeroes the padding rows of
+    the layer inputs, output gradients and per-example gradients first."""
+    pad = zero_pad if zero_padding else (lambda x: x)
+    out: list[jax.Array | None] = [None] * len(leaves)
+    for k, kept in rows.items():
+      c = calls[k]
+      named = dict(zip(c.names, c.leaf_ids, strict=True))
+      if kept.how == "gram":
+        # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
+        g = pad(out_grads[k])
+        scaled = g * factors.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+        # The Gram-matrix norm reads only the input positions that some window reads, so a
+        # non-finite value elsewhere in a padding row would not show in its norm: zero those
+        # rows here (one select, fused into the layer's own input transposition).
+        a = zero_pad(inputs[k])
+        own = {n: leaves[i] for n, i in named.items()}
+        _, layer_vjp = jax.vjp(lambda p, c=c, a=a: c.module.apply({"params": p}, a), own)
+        summed = layer_vjp(scaled)[0]
+        for n, i in named.items():
+          out[i] = summed[n]
+        continue
+      g_rows = pad(kept.g_rows)
+      scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
+      if kept.per_ex is None:
+        # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this
+        # several times faster than the same contraction written over two batch-like axes.
+        a_rows = pad(kept.a_rows)
+        a2 = a_rows.reshape(-1, a_rows.shape[2] * a_rows.shape[3])
+        kernel = a2.T @ scaled.reshape(-1, scaled.shape[-1])
+      else:
+        per_ex = pad(kept.per_ex)
+        kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
+      kernel = kernel.reshape(-1, kernel.shape[-1])
+      if kept.perm is not None:
+        kernel = jnp.take(kernel, jnp.asarray(kept.perm), axis=0)
+      out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
+      if "bias" in named:
+        out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
+    for leaf_ids, per_ex in vjp_grads.items():
+      summed = tree_masked_weighted_sum(per_ex, factors)
+      for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
         out[i] = summed[n]
-      continue
-    g_rows, per_ex = kept.g_rows, kept.per_ex
-    scaled = g_rows * factors[:, None, None].astype(g_rows.dtype)
-    if per_ex is None:
-      # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this several
-      # times faster than the same contraction written over two batch-like axes.
-      a2 = kept.a_rows.reshape(-1, kept.a_rows.shape[2] * kept.a_rows.shape[3])
-      kernel = a2.T @ scaled.reshape(-1, scaled.shape[-1])
-    else:
-      kernel = jnp.einsum("bpd,b->dp", per_ex, factors.astype(per_ex.dtype))
-    kernel = kernel.reshape(-1, kernel.shape[-1])
-    if kept.perm is not None:
-      kernel = jnp.take(kernel, jnp.asarray(kept.perm), axis=0)
-    out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
-    if "bias" in named:
-      out[named["bias"]] = jnp.sum(scaled, axis=(0, 1))
-  for leaf_ids, per_ex in vjp_grads.items():
-    summed = tree_masked_weighted_sum(per_ex, factors)
-    for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
-      out[i] = summed[n]
-  for i, g in zip(rest, rest_grads, strict=True):
-    out[i] = tree_masked_weighted_sum(g, factors)
-  out = [
-    jnp.zeros_like(leaf) if o is None else o.astype(leaf.dtype)
-    for o, leaf in zip(out, leaves, strict=True)
-  ]
+    for i, g in zip(rest, rest_grads, strict=True):
+      out[i] = tree_masked_weighted_sum(g, factors)
+    return [
+      jnp.zeros_like(leaf) if o is None else o.astype(leaf.dtype)
+      for o, leaf in zip(out, leaves, strict=True)
+    ]
+
+  raw = sums(zero_padding=False)
+  bad_padding = jnp.any(~mask & ~jnp.isfinite(sq_norms))
+  out = jax.lax.cond(bad_padding, lambda: sums(zero_padding=True), lambda: raw)
   losses = jnp.where(mask, losses, 0.0)
-  cs = ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
-  return cs, sq_norms
+  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
