@@ -74,18 +74,21 @@ def tree_masked_weighted_sum(per_example: PyTree, weights: jax.Array) -> PyTree:
 
 
 def after(token: PyTree, tree: PyTree) -> PyTree:
-  """``tree`` made to depend on every float leaf of ``token`` (values unchanged).
+  """``tree`` made to depend on the first float leaf of ``token`` (values unchanged).
 
-  Adds ``0 * t`` (one element of each leaf t) to the float leaves of ``tree``. It orders
-  work that XLA would otherwise schedule early and keep alive: sequential microbatches (their
+  Adds ``0 * t`` (one element of that leaf) to the float leaves of ``tree``. It orders work
+  that XLA would otherwise schedule early and keep alive: sequential microbatches (their
   working memories do not add up), a layer's im2col patches after the backward pass. XLA's
   CPU compiler drops ``optimization_barrier`` before it schedules, but it cannot fold
-  ``0 * t`` for floats (NaN and inf), so the dependency survives. A non-finite ``t`` is
-  replaced by 0 first: the values of ``tree`` never change.
+  ``0 * t`` for floats (NaN and inf), so the dependency survives; a non-finite ``t`` is
+  replaced by 0 first, so the values of ``tree`` never change. One leaf, not all: waiting
+  for every leaf of the previous microbatch's gradient made the non-private TF-Privacy CNN
+  step at batch 1024 1.3x slower (67.7 vs 52.1 ms), as it stops the microbatches from
+  overlapping at all.
   """
-  leaves = [x for x in jax.tree_util.tree_leaves(token) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  first = [x.reshape(-1)[0].astype(jnp.float32) for x in leaves]
-  zero = sum(0.0 * jnp.where(jnp.isfinite(t), t, 0.0) for t in first)
+  t = next(x for x in jax.tree_util.tree_leaves(token) if jnp.issubdtype(x.dtype, jnp.inexact))
+  t = t.reshape(-1)[0]
+  zero = 0.0 * jnp.where(jnp.isfinite(t), t, jnp.zeros((), t.dtype))
   add = lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
   return jax.tree_util.tree_map(add, tree)
 

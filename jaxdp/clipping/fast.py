@@ -663,11 +663,12 @@ def _clipped_sum(
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
   # The dense and conv norms run one layer after another, in call order, and only after the
   # backward pass: each layer's input is made to depend on the previous norm (the first on
-  # every output gradient). Otherwise XLA builds a layer's patches as soon as its input
-  # exists, during the forward pass, and holds them, and every layer's at once, through the
-  # backward pass. The first layers usually have the largest patches and the smallest
-  # per-example gradients, so call order frees the most memory first. TF-Privacy CNN at
-  # batch 256: 37.0 -> 27.6 MiB of working memory (non-private 14.4).
+  # the first layer's output gradient, the last the backward pass produces). Otherwise XLA
+  # builds a layer's patches as soon as its input exists, during the forward pass, and
+  # holds them, and every layer's at once, through the backward pass. The first layers
+  # usually have the largest patches and the smallest per-example gradients, so call order
+  # frees the most memory first. TF-Privacy CNN at batch 256: 37.0 -> 27.6 MiB of working
+  # memory (non-private 14.4).
   token: Any = out_grads
   for k, c in enumerate(calls):
     a, g = inputs[k], out_grads[k]
