@@ -582,31 +582,15 @@ def clipped_sum(
   if plan is None:
     first = lambda x: x[0]
     plan = discover(loss_fn, params, jax.tree_util.tree_map(first, batch), rngs[0], has_aux)
-  return _clipped_sum(loss_fn, params, batch, mask, rngs, l2_norm_clip, has_aux, plan)
-
-
-def _clipped_sum(
-  loss_fn: PerExampleLoss,
-  params: PyTree,
-  batch: PyTree,
-  mask: jax.Array,
-  rngs: jax.Array,
-  l2_norm_clip: float,
-  has_aux: bool,
-  plan: LayerPlan,
-) -> ClippedSum:
-  """:func:`clipped_sum` for a given plan.
-
-  Padding rows need no masking of the (large) layer inputs and output gradients while they
-  are finite: their clip factor is exactly 0, and a finite value times 0 adds exactly 0. A
-  non-finite value anywhere in a padding row's layer inputs or output gradients makes that
-  row's squared norm non-finite (each rule's norm sums products of all of them; the
-  per-layer vjp and vmap sums mask on their own), and only then are the sums taken again
-  from the same layer inputs and output gradients with those rows zeroed, in a branch that
-  normally never runs. The branch reuses the forward and backward pass: it holds no second
-  copy of the model's activations (it used to recompute them, which made it the step's
-  largest working memory: 46.3 vs 37.9 MiB for the TF-Privacy CNN at batch 256).
-  """
+  # Padding rows need no masking of the (large) layer inputs and output gradients while they
+  # are finite: their clip factor is exactly 0, and a finite value times 0 adds exactly 0. A
+  # non-finite value anywhere in a padding row's layer inputs or output gradients makes that
+  # row's squared norm non-finite (each rule's norm sums products of all of them; the
+  # per-layer vjp and vmap sums mask on their own), and only then are the sums taken again
+  # from the same layer inputs and output gradients with those rows zeroed, in a branch that
+  # normally never runs. The branch reuses the forward and backward pass: it holds no second
+  # copy of the model's activations (it used to recompute them, which made it the step's
+  # largest working memory: 46.3 vs 37.9 MiB for the TF-Privacy CNN at batch 256).
   leaves, treedef = jax.tree_util.tree_flatten(params)
   b = mask.shape[0]
   calls = plan.calls
