@@ -497,8 +497,9 @@ def _torch_vae():
       d = torch.cat([(y[:, :, None] * z[:, None, :]).flatten(1), y], 1)
       d = torch.tanh(self.dec_hidden(d))
       d = torch.tanh(self.dec_map(d)).view(-1, 14, 14, 8).permute(0, 3, 1, 2)
-      d = functional.pixel_shuffle(self.dec_conv(d), 2)
-      return d + self.class_bias(y).view(d.shape), mu, logvar, self.prior(y)
+      # The class bias is stored in the sub-pixel order of the conv's output (jaxdp's layout).
+      d = self.dec_conv(d) + self.class_bias(y).view(-1, 14, 14, 4).permute(0, 3, 1, 2)
+      return functional.pixel_shuffle(d, 2), mu, logvar, self.prior(y)
 
   return TorchVAE()
 

@@ -1,4 +1,4 @@
-"""jaxdp.conv: strided convolutions as stride-1 convolutions on space-to-depth inputs."""
+"""jaxdp.conv: strided convs by space-to-depth, small-output ones by matmul and shifted sum."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_space_to_depth_conv_equals_lax(x_shape, w_shape, strides, padding):
 @pytest.mark.parametrize(
   "x_shape, w_shape, strides, padding, kwargs",
   [
-    ((2, 12, 12, 3), (3, 3, 3, 4), (1, 1), "SAME", {}),  # stride 1
+    ((2, 12, 12, 3), (3, 3, 3, 8), (1, 1), "SAME", {}),  # stride 1, 72 outputs per position
     ((2, 12, 12, 3), (3, 3, 3, 4), (2, 2), "SAME", {}),  # kernel not a multiple of the stride
     ((2, 12, 12, 3), (2, 2, 3, 4), (2, 2), "VALID", {"rhs_dilation": (2, 2)}),
     ((2, 12, 12, 4), (2, 2, 2, 4), (2, 2), "VALID", {"feature_group_count": 2}),
@@ -72,6 +72,43 @@ def test_space_to_depth_conv_equals_lax(x_shape, w_shape, strides, padding):
 def test_other_convolutions_go_to_lax_unchanged(x_shape, w_shape, strides, padding, kwargs):
   x, w, lax_conv, ours = _both(x_shape, w_shape, strides, padding, **kwargs)
   np.testing.assert_array_equal(ours(x, w), lax_conv(x, w))
+
+
+# (input shape, kernel shape, strides, padding): all take the matmul-and-shifted-sum route.
+TAP_CASES = [
+  ((2, 14, 14, 8), (3, 3, 8, 4), (1, 1), "SAME"),  # the VAE decoder's last conv
+  ((2, 9, 7, 3), (3, 2, 3, 5), (1, 1), ((1, 2), (0, 1))),
+  ((2, 1, 1, 4), (3, 3, 4, 4), (1, 1), "SAME"),  # every tap but the centre reads padding
+  ((2, 12, 12, 2), (4, 4, 2, 3), (2, 2), "SAME"),  # after space-to-depth: 2x2 taps, 3 outputs
+  ((2, 9, 3), (3, 3, 4), (1,), "SAME"),  # 1-D
+  ((2, 5, 5, 5, 2), (2, 2, 2, 2, 3), (1, 1, 1), "SAME"),  # 3-D
+]
+
+
+def _has_conv(fn, x, w) -> bool:
+  return "conv_general_dilated" in str(jax.make_jaxpr(fn)(x, w))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", TAP_CASES)
+def test_tap_matmul_conv_equals_lax(x_shape, w_shape, strides, padding):
+  x, w, lax_conv, ours = _both(x_shape, w_shape, strides, padding)
+  assert not _has_conv(ours, x, w), "expected the matmul-and-shifted-sum route"
+  want, got = lax_conv(x, w), ours(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+  # Its hand-written backward pass, under vmap over examples of one (as the DP step runs it).
+  r = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), jnp.float32)
+  one = lambda fn: lambda x, w, r: jnp.sum(fn(x[None], w) * r[None])
+  grads = lambda fn: jax.vmap(jax.grad(one(fn), (0, 1)), (0, None, 0))(x, w, r)
+  for g_want, g_got in zip(grads(lax_conv), grads(ours), strict=True):
+    np.testing.assert_allclose(g_got, g_want, atol=2e-6 * float(jnp.max(jnp.abs(g_want))))
+
+
+def test_tap_matmul_route_stops_at_its_bound():
+  bound = conv.TAP_MATMUL_MAX_OUT
+  for c_out, route in ((bound // 9, True), (bound // 9 + 1, False)):
+    x, w, _, ours = _both((1, 6, 6, 2), (3, 3, 2, c_out), (1, 1), "SAME")
+    assert _has_conv(ours, x, w) != route, c_out
 
 
 def test_applies():

@@ -94,6 +94,32 @@ def test_per_example_elbo_vmapped_equals_one_at_a_time(decoder):
   assert float(other) != float(vmapped[0])
 
 
+@pytest.mark.parametrize("decoder", ["bernoulli", "gaussian"])
+def test_loss_equals_the_elbo_of_the_decoded_image_in_raster_order(decoder):
+  # The loss pairs the decoder output with the image in the decoder's sub-pixel order; the
+  # negative ELBO written plainly on decode()'s raster image (optax's BCE) must agree.
+  model, batch = tiny_vae(decoder), tiny_batch()
+  params = init_params(model, batch)
+  loss_fn = jax.jit(vae_loss(model))
+  v = {"params": params}
+  for i in range(4):
+    x, y, key = batch["image"][i : i + 1], batch["label"][i : i + 1], jax.random.key(10 + i)
+    mu, logvar = model.apply(v, x, y, method=ConditionalVAE.encode)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
+    out = model.apply(v, z, y, method=ConditionalVAE.decode)
+    assert out.shape == x.shape
+    if decoder == "bernoulli":
+      nll = jnp.sum(optax.sigmoid_binary_cross_entropy(out, x))
+    else:
+      s = model.apply(v, method=ConditionalVAE.decoder_log_scale)
+      nll = jnp.sum(0.5 * jnp.square((x - out) / jnp.exp(s)) + s + 0.5 * jnp.log(2 * jnp.pi))
+    prior = model.apply(v, y, method=ConditionalVAE.prior_mean)
+    kl = 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mu - prior) - 1.0 - logvar)
+    _, aux = loss_fn(params, {"image": x[0], "label": y[0]}, key)
+    np.testing.assert_allclose(aux["nll"], nll, rtol=1e-5)
+    np.testing.assert_allclose(aux["neg_elbo"], nll + kl, rtol=1e-5)
+
+
 def test_sampling_and_elbo_evaluation():
   model, batch = tiny_vae("gaussian"), tiny_batch(n=7)
   params = init_params(model, batch)
