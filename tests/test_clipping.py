@@ -78,6 +78,72 @@ def test_fast_equals_reference(name, how, monkeypatch):
   assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
 
 
+def _tiny_vae_problem(decoder: str, poison: float | None = None):
+  """A tiny ConditionalVAE (its decoder conv takes jaxdp.conv's matmul route) with its
+  per-example keyed loss; 9 real rows, 3 padding rows (filled with ``poison`` if given)."""
+  from jaxdp.models import ConditionalVAE, vae_loss
+
+  model = ConditionalVAE(
+    image_shape=(12, 12, 1),
+    num_classes=5,
+    latent_dim=3,
+    encoder_widths=(4,),
+    decoder_hidden=(8,),
+    decoder_widths=(4,),
+    groups=2,
+    decoder=decoder,
+  )
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  images = jax.random.uniform(k1, (12, 12, 12, 1))
+  if poison is not None:
+    images = images.at[9:].set(poison)
+  labels = jax.random.randint(k2, (12,), 0, 5)
+  params = model.init(k3, images[:1], labels[:1], k3)["params"]
+  batch = {"image": images, "label": labels}
+  return vae_loss(model), params, batch
+
+
+@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
+@pytest.mark.parametrize("decoder", ["bernoulli", "gaussian"])
+def test_fast_equals_reference_on_the_vae(decoder, how, monkeypatch):
+  force_norm(monkeypatch, how)
+  loss_fn, params, batch = _tiny_vae_problem(decoder)
+  plan = fast.discover(
+    loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch), jax.random.key(0), True
+  ).summary()
+  assert plan["conv"] == 2 and plan["dense"] >= 4, plan  # both convs, every Dense by rule
+  mask = jnp.array([True] * 9 + [False] * 3)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  run = lambda engine, clip: jax.jit(
+    lambda p: engine.clipped_sum(loss_fn, p, batch, mask, rngs, clip, has_aux=True)
+  )(params)
+  # A bound between the smallest and the largest norm: some rows clipped, some not.
+  clip = float(np.median(np.asarray(run(reference, 1.0).per_example_norms)[:9]))
+  ref, got = run(reference, clip), run(fast, clip)
+  assert 0 < float(jnp.sum(ref.clip_factors[:9] < 1)) < 9
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.clip_factors, ref.clip_factors, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-5, atol=1e-6)
+  # In units of the bound (each clipped gradient has norm <= clip; the VAE's norms are ~100).
+  in_clips = lambda tree: jax.tree_util.tree_map(lambda x: x / clip, tree)
+  assert_trees_close(in_clips(got.sum_of_clipped_grads), in_clips(ref.sum_of_clipped_grads), 1e-5)
+  # Padding rows add exactly zero, even when their images are NaN (up to the rounding of the
+  # engine's re-taken sums): the same sums as with zero images there, and no NaN anywhere.
+  loss_fn, _, poisoned = _tiny_vae_problem(decoder, poison=np.nan)
+  clean = jax.tree_util.tree_map(lambda x: x.at[9:].set(0), poisoned)
+  for engine in (reference, fast):
+    out = [
+      jax.jit(lambda p, b, e=engine: e.clipped_sum(loss_fn, p, b, mask, rngs, clip, has_aux=True))(
+        params, b
+      )
+      for b in (poisoned, clean)
+    ]
+    assert_trees_close(
+      in_clips(out[0].sum_of_clipped_grads), in_clips(out[1].sum_of_clipped_grads), 1e-6
+    )
+    assert np.all(np.asarray(out[0].clip_factors[9:]) == 0)
+
+
 def _plan_summary(name):
   loss_fn, params, batch = make_problem(name)
   ex = jax.tree_util.tree_map(lambda x: x[0], batch)
