@@ -171,3 +171,20 @@ def make_problem(name: str, batch_size: int = 12, seed: int = 0):
 @pytest.fixture
 def problem():
   return make_problem
+
+
+def tiny_vae(decoder: str = "bernoulli", groups: int = 0):
+  """A tiny ConditionalVAE on 12x12x1 images with 5 classes; its decoder conv (3x3, 4
+  outputs) takes jaxdp.conv's matmul route."""
+  from jaxdp.models import ConditionalVAE
+
+  return ConditionalVAE(
+    image_shape=(12, 12, 1),
+    num_classes=5,
+    latent_dim=3,
+    encoder_widths=(4,),
+    decoder_hidden=(8,),
+    decoder_widths=(4,),
+    groups=groups,
+    decoder=decoder,
+  )

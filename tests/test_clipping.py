@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_problem
+from conftest import make_problem, tiny_vae
 
 from jaxdp.clipping import fast, reference
+from jaxdp.models import vae_loss
 
 CLIP = 3.0
 
@@ -79,20 +80,9 @@ def test_fast_equals_reference(name, how, monkeypatch):
 
 
 def _tiny_vae_problem(decoder: str, poison: float | None = None):
-  """A tiny ConditionalVAE (its decoder conv takes jaxdp.conv's matmul route) with its
-  per-example keyed loss; 9 real rows, 3 padding rows (filled with ``poison`` if given)."""
-  from jaxdp.models import ConditionalVAE, vae_loss
-
-  model = ConditionalVAE(
-    image_shape=(12, 12, 1),
-    num_classes=5,
-    latent_dim=3,
-    encoder_widths=(4,),
-    decoder_hidden=(8,),
-    decoder_widths=(4,),
-    groups=2,
-    decoder=decoder,
-  )
+  """The tiny VAE (GroupNorm in its encoder; its decoder conv on jaxdp.conv's matmul route)
+  with its per-example keyed loss; 9 real rows, 3 padding rows (``poison`` there if given)."""
+  model = tiny_vae(decoder, groups=2)
   k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
   images = jax.random.uniform(k1, (12, 12, 12, 1))
   if poison is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.linalg
+from conftest import tiny_vae
 
 from jaxdp import accounting, data, synth
 from jaxdp.metrics import feature_scores, feature_statistics, frechet_distance, inception_score
@@ -23,18 +24,6 @@ from jaxdp.models.vae import ConditionalVAE, evaluate_elbo, sample_images, vae_l
 from jaxdp.step import DPConfig, make_step
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "dp_vae_synth.py"
-
-
-def tiny_vae(decoder: str = "bernoulli") -> ConditionalVAE:
-  return ConditionalVAE(
-    image_shape=(12, 12, 1),
-    num_classes=5,
-    latent_dim=3,
-    encoder_widths=(4,),
-    decoder_hidden=(8,),
-    decoder_widths=(4,),
-    decoder=decoder,
-  )
 
 
 def tiny_batch(n: int = 9, seed: int = 0) -> dict[str, jax.Array]:

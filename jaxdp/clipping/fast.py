@@ -386,26 +386,22 @@ def _conv_patches(ci: _ConvInput, b: int) -> jax.Array:
   layers around them. The space-to-depth form of a strided conv (see :class:`_ConvInput`)
   makes fewer, larger copies: about 2x faster for the TF-Privacy CNN's first layer.
 
-  The slices are stacked one spatial axis at a time (a stack of stacks): XLA's CPU backend
-  fuses a concatenation of at most 8 operands with the slices it reads, and writes each
-  slice to a buffer of its own before concatenating otherwise. For the TF-Privacy CNN's
-  first layer (4x4 taps) the nested form is one fusion instead of 16 copies and a
-  concatenation: half the working memory of the patches (12.3 vs 23.7 MiB at batch 256,
+  The slices are stacked one spatial axis at a time (:func:`jaxdp.conv.stack_taps`): for the
+  TF-Privacy CNN's first layer (4x4 taps) one fusion instead of 16 copies and a
+  concatenation, half the working memory of the patches (12.3 vs 23.7 MiB at batch 256,
   with the per-example gradients), 1.5x faster with them.
   """
   x = ci.x
 
-  def nest(offsets: tuple[int, ...]) -> jax.Array:
-    axis = len(offsets)
-    if axis == len(ci.taps):
-      sl = tuple(
-        slice(o * ts, o * ts + (out - 1) * st + 1, st)
-        for o, ts, out, st in zip(offsets, ci.tap_step, ci.out, ci.step, strict=True)
-      )
-      return x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1])
-    return jnp.stack([nest((*offsets, o)) for o in range(ci.taps[axis])], axis=2)
+  def window(offsets: tuple[int, ...]) -> jax.Array:
+    sl = tuple(
+      slice(o * ts, o * ts + (out - 1) * st + 1, st)
+      for o, ts, out, st in zip(offsets, ci.tap_step, ci.out, ci.step, strict=True)
+    )
+    return x[(slice(None), *sl, slice(None))].reshape(b, -1, x.shape[-1])
 
-  return nest(()).reshape(b, -1, int(np.prod(ci.taps)), x.shape[-1])
+  patches = conv.stack_taps(window, ci.taps, axis=2)
+  return patches.reshape(b, -1, int(np.prod(ci.taps)), x.shape[-1])
 
 
 def _tap_positions(ci: _ConvInput, b: int) -> np.ndarray:
