@@ -346,7 +346,8 @@ class Step:
     The clipped sums of all physical batches are added before the noise is drawn once,
     so the step is the same mechanism as one big batch and is accounted as one step.
     Metrics are weighted by each batch's real rows; with ``has_aux`` the per-example aux of
-    all physical batches comes concatenated in batch order (padding rows included).
+    all physical batches comes concatenated in batch order (padding rows included, their
+    values unspecified).
     """
     if len(batches) == 1:
       return self(state, data, *batches[0])

@@ -206,9 +206,8 @@ def test_padding_contributes_exactly_zero_even_when_nan(engine):
   + [(m, "gram") for m in ("cnn", "smallmaps", "s2d", "pairs")],
 )
 def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(name, how, poison, monkeypatch):
-  """The fast engine masks padding rows only when one of them is non-finite somewhere
-  (found from its squared norm); every rule must expose such a row. 1e30 overflows to inf
-  inside the model."""
+  """The fast engine masks no per-position array: padding rows run as copies of a real row,
+  so what they hold never enters, under every rule. 1e30 overflows to inf inside the model."""
   force_norm(monkeypatch, how)
   loss_fn, params, batch = make_problem(name)
   mask = jnp.array([True] * 8 + [False] * 4)
@@ -243,6 +242,59 @@ def test_fast_padding_rows_non_finite_where_no_window_reads(how, poison, monkeyp
   want = fast.clipped_sum(loss_fn, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
   assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
   np.testing.assert_allclose(got.per_example_norms[:8], want.per_example_norms, rtol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize(
+  "engine, name, how",
+  [(reference, "cnn", "auto")]
+  + [(fast, m, h) for m in ("cnn", "mlp", "groupnorm", "s2d") for h in ("auto", "ghost")]
+  + [(fast, "cnn", "gram")],
+)
+def test_all_padding_batch_adds_exactly_zero(engine, name, how, poison, monkeypatch):
+  """A physical batch with no real row (an empty Poisson batch, a last microbatch) adds
+  exactly 0, even when every row is non-finite: the fast engine has no real row to copy."""
+  force_norm(monkeypatch, how)
+  loss_fn, params, batch = make_problem(name)
+  images = batch["image"].at[:, 2, 3, 0].set(poison)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  got = jax.jit(lambda p, x: engine.clipped_sum(loss_fn, p, x, jnp.zeros(12, bool), rngs, CLIP))(
+    params, {**batch, "image": images}
+  )
+  for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads):
+    assert np.all(np.asarray(x) == 0)
+  for x in (got.per_example_norms, got.clip_factors, got.losses):
+    assert np.all(np.asarray(x) == 0)
+
+
+@pytest.mark.parametrize("engine", [reference, fast])
+def test_engine_contractions_run_in_full_float32(engine):
+  """Under a reduced default matmul precision (TF32 on a GPU, bfloat16 on a TPU) the clip
+  factors and the clipped sum still come from float32 contractions: a norm computed in lower
+  precision than the sum could let an example's share exceed the bound. XLA's CPU backend
+  ignores the precision, so this checks the traced program: at least one contraction per
+  parameter leaf (its share of the sum) asks for HIGHEST."""
+  loss_fn, params, batch = make_problem("cnn")
+  mask = jnp.ones(12, bool)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  with jax.default_matmul_precision("bfloat16"):
+    jaxpr = jax.make_jaxpr(lambda p: engine.clipped_sum(loss_fn, p, batch, mask, rngs, CLIP))(
+      params
+    )
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+  def count(j):
+    n = 0
+    for e in j.eqns:
+      if e.primitive.name in ("dot_general", "conv_general_dilated"):
+        n += e.params.get("precision") == highest
+      for v in e.params.values():
+        inner = getattr(v, "jaxpr", None)
+        if inner is not None:
+          n += count(getattr(inner, "jaxpr", inner))
+    return n
+
+  assert count(jaxpr.jaxpr) >= len(jax.tree_util.tree_leaves(params))
 
 
 @pytest.mark.parametrize("engine", [reference, fast])
