@@ -662,6 +662,7 @@ def _clip_and_sum(
   calls, rest = plan.calls, plan.vmap_leaves
   sq_norms = jnp.zeros((b,), jnp.float32)
   rows: dict[int, _Kept] = {}
+  bias_rows: dict[int, jax.Array] = {}  # (B, p) per-example bias gradients sum_t g_t
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
   # The dense and conv norms run one layer after another, in call order, and only after the
   # backward pass: each layer's input is made to depend on the previous norm (the first on
@@ -678,7 +679,8 @@ def _clip_and_sum(
       sq, rows[k] = _layer_sq_norm(c, after(token, a), g)
       token = sq
       if "bias" in c.names:
-        sq = sq + jnp.sum(jnp.square(jnp.sum(rows[k].g_rows, axis=1)), axis=1)
+        bias_rows[k] = jnp.sum(rows[k].g_rows, axis=1)
+        sq = sq + jnp.sum(jnp.square(bias_rows[k]), axis=1)
       sq_norms = sq_norms + sq
     else:
       own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
@@ -727,8 +729,8 @@ def _clip_and_sum(
     if kept.perm is not None:
       kernel = jnp.take(kernel, jnp.asarray(kept.perm), axis=0)
     out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
-    if "bias" in named:  # from the per-example bias gradients sum_t g_t of the norm
-      out[named["bias"]] = jnp.einsum("bp,b->p", jnp.sum(kept.g_rows, axis=1), f)
+    if "bias" in named:
+      out[named["bias"]] = jnp.einsum("bp,b->p", bias_rows[k], f)
   for leaf_ids, per_ex in vjp_grads.items():
     summed = tree_masked_weighted_sum(per_ex, factors)
     for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
