@@ -395,35 +395,52 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
 
 
 class Collector:
-  """Gathers worker results during the session; writes JSON, Markdown and PNG at the end."""
+  """Gathers worker results during the session and saves them as they come.
+
+  The results JSON is rewritten after every worker, so a session cut off part-way (a device
+  lent for a fixed time, a killed job) keeps every configuration measured so far;
+  ``python -m benchmarks.report <json>`` then redoes its table and plot. The Markdown table and
+  the plot are written once, when the session ends.
+  """
 
   def __init__(self, plan: Plan) -> None:
     self.plan = plan
     self.results: list[dict[str, Any]] = []
+    path = plan.json_path
+    # Full mode merges into the rows on disk; read them once, so that a configuration this
+    # session measures replaces the old row however often the file is rewritten.
+    self._old_rows: list[dict[str, Any]] = (
+      json.loads(path.read_text()) if plan.mode == "full" and path.exists() else []
+    )
 
   def add(self, result: dict[str, Any]) -> None:
-    """Records one worker's result."""
+    """Records one worker's result and saves the results JSON."""
     self.results.append(result)
+    self._save_json()
 
   def find(self, model: str, batch: int, impl: str) -> list[dict[str, Any]]:
     """The results recorded so far for one configuration."""
     return [r for r in self.results if (r["model"], r["batch"], r["impl"]) == (model, batch, impl)]
 
-  def write(self) -> list[Path]:
-    """Writes (full mode: merges into) the results JSON, then its Markdown table and plot."""
-    from benchmarks import report
-
-    rows = aggregate(self.results, self.plan)
+  def _save_json(self) -> list[dict[str, Any]]:
+    rows = merge_rows(self._old_rows, aggregate(self.results, self.plan))
     path = self.plan.json_path
     path.parent.mkdir(parents=True, exist_ok=True)
     if self.plan.mode == "quick" and path.parent == RESULTS_DIR / "quick":
       ignore = path.parent / ".gitignore"  # quick results never get committed
       if not ignore.exists():
         ignore.write_text("*\n")
-    if self.plan.mode == "full" and path.exists():
-      rows = merge_rows(json.loads(path.read_text()), rows)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # never a half-written file if killed mid-write
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+    return rows
+
+  def write(self) -> list[Path]:
+    """Writes (full mode: merges into) the results JSON, then its Markdown table and plot."""
+    from benchmarks import report
+
+    rows = self._save_json()
     command = (
       "pytest benchmarks/" if self.plan.mode == "quick" else "JAXDP_BENCH=full pytest benchmarks/"
     )
-    return [path, *report.write_reports(rows, path, command=command)]
+    return [self.plan.json_path, *report.write_reports(rows, self.plan.json_path, command=command)]

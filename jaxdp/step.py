@@ -151,6 +151,37 @@ def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, ja
   return out
 
 
+class _Jit:
+  """``jax.jit(fn)``, compiled with XLA ``options`` if its program has batched dots.
+
+  The choice is made once, from the first call's traced program (the trace is cached and
+  reused by the compilation, so choosing costs nothing): the options speed up per-example
+  products and slow down plain ones (:func:`jaxdp._cpu_flags.has_batched_dot`).
+  """
+
+  def __init__(self, fn: Any, options: dict[str, str] | None) -> None:
+    self._fn, self._options = fn, options
+    self._plain = jax.jit(fn)
+    self._chosen = None if options else self._plain
+
+  @property
+  def compiler_options(self) -> dict[str, str] | None:
+    """The options in use; None before the first call or when none apply."""
+    return None if self._chosen in (None, self._plain) else self._options
+
+  def _pick(self, *args: Any) -> Any:
+    if self._chosen is None:
+      batched = _cpu_flags.has_batched_dot(self._plain.trace(*args).jaxpr)
+      self._chosen = jax.jit(self._fn, compiler_options=self._options) if batched else self._plain
+    return self._chosen
+
+  def __call__(self, *args: Any) -> Any:
+    return self._pick(*args)(*args)
+
+  def lower(self, *args: Any) -> jax.stages.Lowered:
+    return self._pick(*args).lower(*args)
+
+
 class Step:
   """A jitted DP (or plain) training step; build it with :func:`make_step`."""
 
@@ -179,9 +210,9 @@ class Step:
     # The private step's per-example dots run faster through oneDNN on the CPU (see
     # jaxdp/_cpu_flags.py); the non-private step is left to XLA's defaults.
     options = None if privacy is None else _cpu_flags.private_step_options()
-    self._fused = jax.jit(self._fused_impl, compiler_options=options)
-    self._chunk = jax.jit(self._chunk_impl, compiler_options=options)
-    self._finish = jax.jit(self._finish_impl, compiler_options=options)
+    self._fused = _Jit(self._fused_impl, options)
+    self._chunk = _Jit(self._chunk_impl, options)
+    self._finish = _Jit(self._finish_impl, options)
 
   @property
   def engine(self) -> str:

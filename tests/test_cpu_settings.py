@@ -128,3 +128,41 @@ def test_private_step_sends_dots_to_onednn(monkeypatch):
   monkeypatch.setenv("JAXDP_XLA_FLAGS", "0")
   assert _cpu_flags.private_step_options() is None
   assert "onednn_fusion" not in _private_step_hlo()
+
+
+def test_options_go_only_to_programs_with_batched_dots(monkeypatch):
+  """A private step of dense layers only (no per-example product) keeps XLA's own dots."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jaxdp
+  from jaxdp import _cpu_flags
+  from jaxdp.models import classifier_loss, make_classifier
+
+  plain = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((3, 4)), jnp.ones((4, 5)))
+  batched = jax.make_jaxpr(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))(
+    jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  )
+  body = lambda c, x: (c, jnp.einsum("bi,bi->b", x, x))
+  nested = jax.make_jaxpr(lambda a: jax.lax.scan(body, 0, a))(jnp.ones((2, 3, 4)))
+  assert not _cpu_flags.has_batched_dot(plain)
+  assert _cpu_flags.has_batched_dot(batched)
+  assert _cpu_flags.has_batched_dot(nested)
+
+  options = {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  monkeypatch.setattr(_cpu_flags, "private_step_options", lambda: options)
+  model = make_classifier("mlp")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  data = {"image": jnp.ones((4, 28, 28, 1)), "label": jnp.zeros((4,), jnp.int32)}
+  opt = optax.sgd(0.1)
+  # fast: dense norms as products of norms, no batched dot; reference: vmap(grad) has them
+  for engine, expected in (("fast", None), ("reference", options)):
+    privacy = jaxdp.DPConfig(l2_norm_clip=1.0, noise_multiplier=1.0, engine=engine)
+    step = jaxdp.make_step(
+      classifier_loss(model), opt, privacy, expected_batch_size=4, has_aux=True
+    )
+    state = jaxdp.init_state(params, opt, jax.random.key(1))
+    step(state, data, jnp.arange(4), jnp.ones((4,), bool))
+    assert step._fused.compiler_options == expected, engine
+    assert step.trace_count == 1  # choosing reused the trace

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_problem
 from scipy import stats
 
-from jaxdp.noise import add_gaussian_noise, privatize, sensitivity
+from jaxdp.noise import add_gaussian_noise, privatize, sensitivity, standard_normal
 from jaxdp.step import DPConfig, init_state, make_step
 
 
@@ -40,6 +40,33 @@ def test_leaves_get_independent_noise():
   tree = {"a": jnp.zeros(2000), "b": jnp.zeros(2000)}
   out = add_gaussian_noise(tree, jax.random.key(3), 1.0)
   assert abs(np.corrcoef(out["a"], out["b"])[0, 1]) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (784, 256), (3, 5, 11), (2, 1, 4, 9)])
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5])
+def test_standard_normal_is_jax_random_normal_bit_for_bit(shape, seed):
+  """The fused Threefry gives JAX's own samples: the noise's distribution is JAX's."""
+  key = jax.random.fold_in(jax.random.key(seed), 17)
+  expected = jax.random.normal(key, shape, jnp.float32)
+  np.testing.assert_array_equal(jax.jit(standard_normal, static_argnums=1)(key, shape), expected)
+  np.testing.assert_array_equal(standard_normal(key, shape), expected)
+  raw = jax.random.key_data(key)  # a legacy uint32 key gives the same samples
+  np.testing.assert_array_equal(standard_normal(raw, shape), expected)
+
+
+def test_standard_normal_other_key_kinds_use_jax():
+  key = jax.random.key(4, impl="rbg")
+  np.testing.assert_array_equal(standard_normal(key, (300,)), jax.random.normal(key, (300,)))
+  key = jax.random.key(4)
+  with jax.threefry_partitionable(False):
+    np.testing.assert_array_equal(standard_normal(key, (300,)), jax.random.normal(key, (300,)))
+
+
+def test_standard_normal_does_not_call_jax_threefry():
+  """Under jit the samples come from the unrolled rounds, not JAX's (rolled on CPU) primitive."""
+  key = jax.random.key(0)
+  assert "random_bits" in str(jax.make_jaxpr(lambda k: jax.random.normal(k, (64,)))(key))
+  assert "random_bits" not in str(jax.make_jaxpr(lambda k: standard_normal(k, (64,)))(key))
 
 
 def test_per_layer_sensitivity():
