@@ -41,6 +41,7 @@ import ctypes.util
 import importlib.metadata
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 CPU_FLAGS = ("--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=false")
@@ -92,18 +93,25 @@ def private_step_options() -> dict[str, str] | None:
   return dict(options) if jax.default_backend() == "cpu" else None
 
 
+def jaxpr_equations(jaxpr: Any) -> Iterator[Any]:
+  """Every equation of a (closed) jaxpr and, depth first, of the jaxprs nested in its
+  equations' parameters (jit, scan, while, cond branches, custom derivative rules)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+          yield from jaxpr_equations(sub)
+
+
 def has_batched_dot(jaxpr: Any) -> bool:
   """Whether a (closed) jaxpr, or any jaxpr nested in it, has a ``dot_general`` with batch
   dimensions: the per-example products that :func:`private_step_options` speeds up."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]:
-      return True
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if hasattr(getattr(sub, "jaxpr", sub), "eqns") and has_batched_dot(sub):
-          return True
-  return False
+  return any(
+    eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]
+    for eqn in jaxpr_equations(jaxpr)
+  )
 
 
 def apply() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_problem, tiny_vae
 
+from jaxdp._cpu_flags import jaxpr_equations
 from jaxdp.clipping import fast, reference
 from jaxdp.models import vae_loss
 
@@ -282,19 +283,12 @@ def test_engine_contractions_run_in_full_float32(engine):
       params
     )
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
-
-  def count(j):
-    n = 0
-    for e in j.eqns:
-      if e.primitive.name in ("dot_general", "conv_general_dilated"):
-        n += e.params.get("precision") == highest
-      for v in e.params.values():
-        inner = getattr(v, "jaxpr", None)
-        if inner is not None:
-          n += count(getattr(inner, "jaxpr", inner))
-    return n
-
-  assert count(jaxpr.jaxpr) >= len(jax.tree_util.tree_leaves(params))
+  count = sum(
+    e.primitive.name in ("dot_general", "conv_general_dilated")
+    and e.params.get("precision") == highest
+    for e in jaxpr_equations(jaxpr)
+  )
+  assert count >= len(jax.tree_util.tree_leaves(params))
 
 
 @pytest.mark.parametrize("engine", [reference, fast])
