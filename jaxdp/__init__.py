@@ -14,6 +14,7 @@ from jaxdp import (
   accounting,
   clipping,
   data,
+  keys,
   noise,
   sampling,
 )
@@ -26,6 +27,7 @@ from jaxdp.accounting import (
 )
 from jaxdp.clipping import ClippedSum
 from jaxdp.data import Dataset, load_dataset, synthetic_dataset, synthetic_splits
+from jaxdp.keys import KeySource, secure_key
 from jaxdp.noise import add_gaussian_noise, privatize
 from jaxdp.sampling import PhysicalBatch, PoissonSampler, ShuffledSampler
 from jaxdp.step import DPConfig, Step, TrainState, init_state, make_step
@@ -37,6 +39,7 @@ __all__ = [
   "DPConfig",
   "Dataset",
   "EpsilonTracker",
+  "KeySource",
   "PhysicalBatch",
   "PoissonSampler",
   "PrivacyLedger",
@@ -51,11 +54,13 @@ __all__ = [
   "dpsgd_event",
   "epsilon",
   "init_state",
+  "keys",
   "load_dataset",
   "make_step",
   "noise",
   "privatize",
   "sampling",
+  "secure_key",
   "synthetic_dataset",
   "synthetic_splits",
 ]

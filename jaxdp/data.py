@@ -44,6 +44,7 @@ __all__ = [
   "DATASETS",
   "DATA_DIR_ENV",
   "IDX_FILES",
+  "NUM_CLASSES",
   "Dataset",
   "load_dataset",
   "load_idx_folder",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 DATASETS = ("mnist", "fashion_mnist")
+# The public description of each dataset: its number of classes. Never inferred from the
+# labels, which are private (a label set missing a class must not change the model).
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10}
 DATA_DIR_ENV = "JAXDP_DATA_DIR"
 IDX_FILES = {
   "train_images": "train-images-idx3-ubyte",
@@ -199,15 +203,17 @@ def load_idx_folder(
       ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each raw or ``.gz``
       (the raw file wins when both exist).
     name: dataset name used in ``Dataset.name``; defaults to the folder name.
-    num_classes: number of classes; defaults to ``max(label) + 1`` over both splits.
+    num_classes: number of classes, a public constant of the dataset; defaults to
+      ``NUM_CLASSES[name]``. It is never inferred from the labels (they are private).
 
   Returns:
     ``(train, test)`` with images float32 ``(N, H, W, 1)`` in [0, 1] and int32 labels.
 
   Raises:
     FileNotFoundError: if the folder or one of the files is missing.
-    ValueError: if a file is truncated or corrupt, has the wrong magic number, or image and
-      label counts (or train and test image sizes) disagree.
+    ValueError: if a file is truncated or corrupt, has the wrong magic number, image and
+      label counts (or train and test image sizes) disagree, a label is not below
+      ``num_classes``, or ``num_classes`` is not given for a dataset outside ``NUM_CLASSES``.
   """
   folder = Path(path).expanduser()
   if not folder.is_dir():
@@ -216,6 +222,14 @@ def load_idx_folder(
       "with the four IDX files"
     )
   name = name or folder.name
+  if num_classes is None:
+    if name not in NUM_CLASSES:
+      raise ValueError(
+        f"num_classes must be given for dataset {name!r} (known: {', '.join(NUM_CLASSES)}); "
+        "it is public and never inferred from the private labels"
+      )
+    num_classes = NUM_CLASSES[name]
+  _validate.positive_int("num_classes", num_classes)
   arrays = {}
   for key, stem in IDX_FILES.items():
     file = _find_idx(folder, stem)
@@ -236,11 +250,10 @@ def load_idx_folder(
       f"{arrays['test_images'][1].shape[1:]}"
     )
   label_max = max(int(arrays[k][1].max(initial=0)) for k in ("train_labels", "test_labels"))
-  if num_classes is None:
-    num_classes = label_max + 1
-  _validate.positive_int("num_classes", num_classes)
   if label_max >= num_classes:
-    raise ValueError(f"num_classes must be > {label_max} (the largest label), got {num_classes}")
+    raise ValueError(
+      f"the labels of {folder} go up to {label_max}, but dataset {name!r} has {num_classes} classes"
+    )
   splits = []
   for split in ("train", "test"):
     images = arrays[f"{split}_images"][1]
@@ -282,7 +295,7 @@ def _load_tfds(name: str) -> tuple[Dataset, Dataset]:
       Dataset(
         images=images.astype(np.float32) / np.float32(255.0),
         labels=np.asarray(labels).astype(np.int32),
-        num_classes=10,
+        num_classes=NUM_CLASSES[name],
         name=f"{name}/{split}",
       )
     )
@@ -300,7 +313,7 @@ def load_dataset(
       (and non-empty), else TFDS.
 
   Returns:
-    ``(train, test)`` Datasets with 10 classes (for the IDX path, the classes present).
+    ``(train, test)`` Datasets with ``NUM_CLASSES[name]`` classes.
 
   Raises:
     ValueError: if ``name`` is unknown, or an IDX file is corrupt (see ``load_idx_folder``).

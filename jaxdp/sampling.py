@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxdp import _validate
+from jaxdp.keys import secure_seed
 
 
 class PhysicalBatch(NamedTuple):
@@ -67,7 +68,10 @@ class PoissonSampler:
     expected_batch_size: q * N; give this or ``sampling_prob``.
     sampling_prob: q in (0, 1]; give this or ``expected_batch_size``.
     physical_batch_size: the fixed shape the step sees; default mean + 4 std.
-    seed: seeds the host generator; the same seed reproduces the same batches.
+    seed: seeds the host generator. None (the default) draws a secret seed from the OS
+      (:func:`jaxdp.keys.secure_seed`): which examples a step used is part of the privacy
+      mechanism and must not be derivable from anything released. An int or a
+      ``numpy.random.SeedSequence`` reproduces the same batches (tests, debugging).
 
   Formal guarantees:
     Each example is included at each step independently of every other example and of
@@ -84,7 +88,7 @@ class PoissonSampler:
     expected_batch_size: float | None = None,
     sampling_prob: float | None = None,
     physical_batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | np.random.SeedSequence | None = None,
   ) -> None:
     _validate.positive_int("num_examples", num_examples)
     if (expected_batch_size is None) == (sampling_prob is None):
@@ -107,7 +111,7 @@ class PoissonSampler:
         max(8, math.ceil(num_examples / 8) * 8),
       )
     self.physical_batch_size = _validate.positive_int("physical_batch_size", physical_batch_size)
-    self._rng = np.random.default_rng(seed)
+    self._rng = np.random.default_rng(secure_seed() if seed is None else seed)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -127,11 +131,18 @@ class ShuffledSampler:
   Each epoch draws a permutation and cuts it into ``batch_size`` batches; the last partial
   batch is dropped. The epsilon jaxdp reports for such a run is computed as if the batches
   were Poisson sampled with q = batch_size / N, which is not what ran: a warning says so.
+  ``seed``: as for :class:`PoissonSampler` (None: a secret seed from the OS).
   """
 
   poisson = False
 
-  def __init__(self, num_examples: int, *, batch_size: int, seed: int = 0) -> None:
+  def __init__(
+    self,
+    num_examples: int,
+    *,
+    batch_size: int,
+    seed: int | np.random.SeedSequence | None = None,
+  ) -> None:
     _validate.positive_int("num_examples", num_examples)
     _validate.positive_int("batch_size", batch_size)
     if batch_size > num_examples:
@@ -145,7 +156,7 @@ class ShuffledSampler:
     self.physical_batch_size = batch_size
     self.expected_batch_size = float(batch_size)
     self.sampling_prob = batch_size / num_examples
-    self._rng = np.random.default_rng(seed)
+    self._rng = np.random.default_rng(secure_seed() if seed is None else seed)
     self._queue: list[np.ndarray] = []
 
   @property

@@ -28,7 +28,15 @@ import optax
 
 from jaxdp import _cpu_flags, _validate
 from jaxdp.clipping import fast, reference
-from jaxdp.clipping._common import ClippedSum, PerExampleLoss, after, split_loss, stack_rngs
+from jaxdp.clipping._common import (
+  ClippedSum,
+  PerExampleLoss,
+  after,
+  nonfinite_rows,
+  split_loss,
+  stack_rngs,
+)
+from jaxdp.keys import secure_key
 from jaxdp.noise import privatize
 
 PyTree = Any
@@ -85,9 +93,16 @@ class TrainState(NamedTuple):
 
 
 def init_state(
-  params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array
+  params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array | None = None
 ) -> TrainState:
-  """A fresh :class:`TrainState`; ``rng`` seeds every per-example key and all the noise."""
+  """A fresh :class:`TrainState`.
+
+  ``rng`` seeds every per-example key and all the noise of the steps, so it must be secret:
+  None (the default) draws one from the OS (:func:`jaxdp.keys.secure_key`). Pass a key of
+  your own only for tests or debugging; a key derived from a released seed makes the noise
+  public.
+  """
+  rng = secure_key() if rng is None else rng
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
@@ -140,14 +155,25 @@ def _gather(data: PyTree, indices: jax.Array) -> PyTree:
 
 
 def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
+  """Batch means of the step's statistics (non-DP diagnostics of the batch).
+
+  Private steps: the loss and norm statistics are over the real rows with a finite gradient
+  norm; ``clip_fraction`` counts every real row with a factor below 1 (those with a
+  non-finite norm included, their factor is 0) and ``nonfinite_fraction`` those alone.
+  """
   n = jnp.sum(mask)
   denom = jnp.maximum(n, 1)
   out = {"loss": jnp.sum(cs.losses) / denom, "batch_size": n}
   if private:
     norms = cs.per_example_norms
-    out["grad_norm_mean"] = jnp.sum(jnp.where(mask, norms, 0.0)) / denom
-    out["grad_norm_median"] = jnp.nanmedian(jnp.where(mask, norms, jnp.nan))
+    bad = nonfinite_rows(norms, mask)
+    ok = mask & ~bad
+    out["loss"] = jnp.sum(jnp.where(ok, cs.losses, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+    out["grad_norm_mean"] = jnp.sum(jnp.where(ok, norms, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+    out["grad_norm_median"] = jnp.nanmedian(jnp.where(ok, norms, jnp.nan))
     out["clip_fraction"] = jnp.sum(mask & (cs.clip_factors < 1.0)) / denom
+    out["nonfinite_fraction"] = jnp.sum(bad) / denom
+    out["grad_norms"] = norms
   return out
 
 
@@ -307,6 +333,9 @@ class Step:
         noise_multiplier=self.privacy.noise_multiplier,
         normalizer=float(self.expected_batch_size),
       )
+      # The clipped sum and its noise are float32 whatever the parameters' dtype; rounding
+      # the noised gradient to it is post-processing.
+      grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return params, opt_state
@@ -359,7 +388,9 @@ class Step:
 
     Returns:
       ``(new_state, metrics)``; metrics hold loss, batch_size and, if private,
-      grad_norm_mean, grad_norm_median and clip_fraction (and ``aux`` with has_aux).
+      grad_norm_mean, grad_norm_median, clip_fraction, nonfinite_fraction and the (P,)
+      grad_norms (padding rows 0) (and ``aux`` with has_aux). All are statistics of the
+      private batch without noise: diagnostics, never to be released.
     """
     return self._fused(state, data, indices, mask)
 
@@ -393,13 +424,14 @@ class Step:
     total = max(w.sum(), 1.0)
     metrics: dict[str, Any] = {"batch_size": n_real}
     for k in stats[0]:
-      if k not in ("batch_size", "aux"):
+      if k not in ("batch_size", "aux", "grad_norms"):
         metrics[k] = float(sum(float(st[k]) * wi for st, wi in zip(stats, w, strict=True)) / total)
+    # Per-row values in the order of the physical batches, padding rows included.
+    cat = lambda *xs: jnp.concatenate(xs, axis=0)
+    if "grad_norms" in stats[0]:
+      metrics["grad_norms"] = cat(*[st["grad_norms"] for st in stats])
     if self.has_aux:
-      # Rows in the order of the physical batches, padding rows included (as with one batch).
-      metrics["aux"] = jax.tree_util.tree_map(
-        lambda *xs: jnp.concatenate(xs, axis=0), *[st["aux"] for st in stats]
-      )
+      metrics["aux"] = jax.tree_util.tree_map(cat, *[st["aux"] for st in stats])
     return new_state, metrics
 
 

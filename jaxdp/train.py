@@ -33,7 +33,7 @@ PyTree = Any
 EpochCallback = Callable[[int, TrainState], Mapping[str, float] | None]
 
 # Step statistics averaged over an epoch, weighted by the real batch size.
-_STEP_STATS = ("loss", "grad_norm_mean", "clip_fraction")
+_STEP_STATS = ("loss", "grad_norm_mean", "clip_fraction", "nonfinite_fraction")
 
 
 def _aux_arrays(aux: Any, aux_name: str) -> dict[str, jax.Array]:
@@ -115,8 +115,11 @@ def train(
   Returns:
     ``(state, history)``: the final state and one dict per epoch with ``epoch``, ``step``,
     ``time`` (seconds since the start, evaluation included), ``train_loss``, for private
-    steps ``train_grad_norm_mean`` and ``train_clip_fraction``, ``train_<aux>`` when the
-    step has aux, ``epsilon_rdp`` with a tracker, and whatever ``on_epoch`` returned.
+    steps ``train_grad_norm_mean``, ``train_clip_fraction``, ``train_nonfinite_fraction``
+    and ``grad_norms`` (the last step's per-example norms, a numpy array), ``train_<aux>``
+    when the step has aux, ``epsilon_rdp`` with a tracker, and whatever ``on_epoch``
+    returned. Every ``train_*`` value and ``grad_norms`` is a statistic of private batches
+    without noise: a diagnostic, not to be released.
 
   Notes:
     A logical step whose Poisson draw needed more than one physical batch (rare: the
@@ -146,6 +149,7 @@ def train(
   for epoch in range(1, epochs + 1):
     sums: dict[str, jax.Array] = {"n": jnp.zeros(()), "aux_n": jnp.zeros(())}
     aux_keys: list[str] = []
+    last_norms = None
     bar = tqdm(
       total=steps_per_epoch, desc=f"{desc} {epoch}/{epochs}", disable=not progress, leave=True
     )
@@ -153,6 +157,7 @@ def train(
       batches = sampler.sample()
       state, metrics = step.run(state, data, batches)
       metrics = dict(metrics)
+      norms = metrics.pop("grad_norms", None)
       # The aux rows of several physical batches come concatenated, like their masks.
       mask = np.concatenate([b.mask for b in batches])
       if "aux" in metrics:
@@ -168,13 +173,17 @@ def train(
       sums = _accumulate(sums, metrics, mask)
       done += 1
       bar.update(1)
+      if i + 1 == steps_per_epoch and norms is not None:
+        last_norms = np.asarray(norms)[mask]
       if progress and ((i + 1) % refresh_every == 0 or i + 1 == steps_per_epoch):
         shown = _means(sums, aux_keys)
         if tracker is not None:
           shown["eps_rdp"] = tracker.epsilon(start_step + done)
         bar.set_postfix(_short(shown), refresh=False)
-    entry: dict[str, float] = {"epoch": epoch, "step": start_step + done}
+    entry: dict[str, Any] = {"epoch": epoch, "step": start_step + done}
     entry.update(_means(sums, aux_keys))
+    if last_norms is not None:
+      entry["grad_norms"] = last_norms
     if tracker is not None:
       entry["epsilon_rdp"] = tracker.epsilon(start_step + done)
     if on_epoch is not None:
@@ -196,7 +205,7 @@ def _short(values: Mapping[str, Any]) -> dict[str, str]:
     if value is None or key in ("epoch", "step", "time", "epsilon_rdp"):
       continue
     name = key.removeprefix("train_").replace("accuracy", "acc")
-    if name in ("grad_norm_mean", "clip_fraction"):
+    if name in ("grad_norm_mean", "clip_fraction", "nonfinite_fraction"):
       continue
     out[name] = f"{value:.4g}"
   return out

@@ -135,6 +135,53 @@ class Unread(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
+class LowPrecision(nn.Module):
+  """A bfloat16 conv and Dense (params and compute): the engines must clip in float32."""
+
+  @nn.compact
+  def __call__(self, x):
+    bf16 = {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16}
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2, **bf16)(x))
+    return nn.Dense(5, **bf16)(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+
+
+def _scaled_dot_general(lhs, rhs, dims, precision=None, preferred_element_type=None):
+  return 2.0 * jax.lax.dot_general(
+    lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type
+  )
+
+
+class CustomDot(nn.Module):
+  """A Dense with a custom dot_general (a scaled product): its gradient is not a^T g."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=2)(x))
+    return nn.Dense(5, dot_general=_scaled_dot_general)(x.reshape(x.shape[0], -1))
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, c, _):
+    return jnp.tanh(nn.Dense(8)(c)), None
+
+
+class Scanned(nn.Module):
+  """Dense layers inside nn.scan: stacked parameters, or one set broadcast to every step."""
+
+  broadcast: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+    if self.broadcast:
+      scan = nn.scan(_Block, variable_broadcast="params", split_rngs={"params": False}, length=3)
+    else:
+      scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    x, _ = scan()(x, None)
+    return nn.Dense(5)(x)
+
+
 MODELS = {
   "cnn": TinyCNN,
   "mlp": TinyMLP,
@@ -146,6 +193,10 @@ MODELS = {
   "customconv": CustomConv,
   "pairs": Pairs,
   "unread": Unread,
+  "bf16": LowPrecision,
+  "customdot": CustomDot,
+  "scan": Scanned,
+  "scan_broadcast": functools.partial(Scanned, broadcast=True),
 }
 
 

@@ -316,6 +316,94 @@ def test_per_layer_clipping_bounds_each_group():
       assert float(norm) >= 0.5 * c  # these gradients are large: each group is clipped
 
 
+# -- a real example whose gradient is NaN or inf --------------------------------------------
+
+
+@pytest.mark.parametrize("row", [0, 2])  # row 0 is also the row padding rows copy
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize(
+  "engine, name, how",
+  [(reference, "cnn", "auto")]
+  + [(fast, "cnn", h) for h in ("auto", "ghost", "gram")]
+  + [(fast, m, "auto") for m in ("mlp", "groupnorm", "s2d")],
+)
+def test_real_example_with_non_finite_gradient_contributes_nothing(
+  engine, name, how, poison, row, monkeypatch
+):
+  """Clip factor 0 (no bound holds for it) and a clipped sum equal to the sum without it:
+  one NaN pixel makes the loss NaN; one inf pixel keeps the loss finite (tanh saturates)
+  but makes the gradient non-finite, on every rule of the fast engine."""
+  force_norm(monkeypatch, how)
+  loss_fn, params, batch = make_problem(name)
+  mask = jnp.array([True] * 9 + [False] * 3)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  bad = {**batch, "image": batch["image"].at[row, 5, 6, 0].set(poison)}
+  got = jax.jit(lambda p, b: engine.clipped_sum(loss_fn, p, b, mask, rngs, CLIP))(params, bad)
+  want = engine.clipped_sum(loss_fn, params, batch, mask.at[row].set(False), rngs, CLIP)
+  for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads):
+    assert np.all(np.isfinite(np.asarray(x)))
+  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
+  assert float(got.clip_factors[row]) == 0.0
+  assert not np.isfinite(float(got.per_example_norms[row]))
+  others = np.arange(9) != row
+  np.testing.assert_allclose(
+    got.per_example_norms[:9][others], want.per_example_norms[:9][others], rtol=1e-5
+  )
+  if name == "cnn" and poison == np.inf:
+    assert np.isfinite(float(got.losses[row]))  # the inf-gradient path, not a NaN loss
+
+
+# -- low-precision layers, custom layers, lifted transforms ----------------------------------
+
+
+@pytest.mark.parametrize(
+  "engine, how", [(reference, "auto"), (fast, "auto"), (fast, "ghost"), (fast, "gram")]
+)
+def test_low_precision_shares_stay_within_the_bound(engine, how, monkeypatch):
+  """bfloat16 layers: norms, clip factors and sums in float32, so every example's share of
+  the sum has norm <= C (1 + 1e-6) (rounding them to bfloat16 gave 1.0023 C)."""
+  force_norm(monkeypatch, how)
+  loss_fn, params, batch = make_problem("bf16")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
+  rngs = jax.random.split(jax.random.key(1), 12)
+  clip = 0.01  # below every example's norm: each share is clipped to exactly C
+  one = jax.jit(lambda p, m: engine.clipped_sum(loss_fn, p, batch, m, rngs, clip))
+  for i in range(12):
+    got = one(params, jnp.zeros(12, bool).at[i].set(True))
+    leaves = jax.tree_util.tree_leaves(got.sum_of_clipped_grads)
+    assert all(x.dtype == jnp.float32 for x in leaves)
+    norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves))
+    assert float(got.per_example_norms[i]) > clip
+    assert norm <= clip * (1 + 1e-6), (i, norm / clip)
+
+
+def test_dense_with_custom_dot_general_takes_the_vjp_rule():
+  loss_fn, params, batch = make_problem("customdot")
+  first = jax.tree_util.tree_map(lambda x: x[0], batch)
+  plan = fast.discover(loss_fn, params, first, jax.random.key(0), False)
+  assert [c.rule for c in plan.calls] == ["conv", "vjp"]
+  mask = jnp.array([True] * 9 + [False] * 3)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  ref = reference.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  got = fast.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5)
+  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["scan", "scan_broadcast"])
+def test_layers_inside_nn_scan_fall_back_to_vmap_with_a_warning(name):
+  """Layers inside a lifted transform cannot be intercepted (their values belong to the
+  transform's trace): their parameters take the reference engine's vmap, with one warning."""
+  loss_fn, params, batch = make_problem(name)
+  mask = jnp.array([True] * 9 + [False] * 3)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  with pytest.warns(UserWarning, match="lifted Flax transform"):
+    got = fast.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  ref = reference.clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5)
+  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
+
+
 def test_norm_rule_choice(monkeypatch):
   assert fast._outer_rule(8, 1, 512, 32) == "t1"
   # TF-Privacy CNN, first conv on space-to-depth input: 17x17 positions of 4 channels,

@@ -38,7 +38,7 @@ def _make_folder(folder: Path, gz: bool = True, n_train: int = 7, n_test: int = 
     "test_images": rng.integers(0, 256, size=(n_test, 4, 3), dtype=np.uint8),
     "test_labels": rng.integers(0, 10, size=(n_test,), dtype=np.uint8),
   }
-  arrays["train_labels"][0] = 9  # so that num_classes infers to 10
+  arrays["train_labels"][0] = 9  # the largest label the 10 classes allow
   folder.mkdir(parents=True, exist_ok=True)
   for key, stem in data.IDX_FILES.items():
     magic = 2051 if key.endswith("images") else 2049
@@ -49,7 +49,7 @@ def _make_folder(folder: Path, gz: bool = True, n_train: int = 7, n_test: int = 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
   arrays = _make_folder(tmp_path, gz=gz)
-  train, test = data.load_idx_folder(tmp_path, name="toy")
+  train, test = data.load_idx_folder(tmp_path, name="toy", num_classes=10)
   for ds, split in ((train, "train"), (test, "test")):
     expected = arrays[f"{split}_images"].astype(np.float32)[..., None] / np.float32(255)
     assert ds.images.dtype == np.float32 and ds.labels.dtype == np.int32
@@ -66,27 +66,27 @@ def test_idx_mixed_raw_and_gz(tmp_path):
   gz_file = tmp_path / "t10k-images-idx3-ubyte.gz"
   gz_file.unlink()
   (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(arrays["test_images"], 2051))
-  _, test = data.load_idx_folder(tmp_path)
+  _, test = data.load_idx_folder(tmp_path, num_classes=10)
   np.testing.assert_array_equal(np.round(test.images[..., 0] * 255), arrays["test_images"])
 
 
 def test_missing_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match="--data-dir / JAXDP_DATA_DIR"):
-    data.load_idx_folder(tmp_path / "nope")
+    data.load_idx_folder(tmp_path / "nope", num_classes=10)
 
 
 def test_missing_file(tmp_path):
   _make_folder(tmp_path)
   (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
   with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 def test_wrong_magic(tmp_path):
   arrays = _make_folder(tmp_path, gz=False)
   (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(arrays["train_labels"], 2051))
   with pytest.raises(ValueError, match="magic number 2051, expected 2049"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 @pytest.mark.parametrize("cut", [1, 10, 30])
@@ -95,7 +95,7 @@ def test_truncated_raw_file(tmp_path, cut):
   path = tmp_path / "train-images-idx3-ubyte"
   path.write_bytes(path.read_bytes()[:-cut])
   with pytest.raises(ValueError, match="truncated"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 def test_truncated_gz_file(tmp_path):
@@ -103,7 +103,7 @@ def test_truncated_gz_file(tmp_path):
   path = tmp_path / "train-images-idx3-ubyte.gz"
   path.write_bytes(path.read_bytes()[:-12])
   with pytest.raises(ValueError, match="truncated or corrupt"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 def test_too_long_file(tmp_path):
@@ -111,7 +111,7 @@ def test_too_long_file(tmp_path):
   path = tmp_path / "t10k-labels-idx1-ubyte"
   path.write_bytes(path.read_bytes() + b"\x00")
   with pytest.raises(ValueError, match="longer than its header"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 def test_count_mismatch(tmp_path):
@@ -119,7 +119,7 @@ def test_count_mismatch(tmp_path):
   labels = np.zeros(6, np.uint8)  # 7 train images
   _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(labels, 2049), gz=True)
   with pytest.raises(ValueError, match=r"7 images but .* 6 labels"):
-    data.load_idx_folder(tmp_path)
+    data.load_idx_folder(tmp_path, num_classes=10)
 
 
 def test_load_dataset_paths(tmp_path, monkeypatch):
@@ -260,3 +260,19 @@ def test_train_validation_split():
   for bad in (0, 40, 41, 2.5):
     with pytest.raises(ValueError, match="validation_size"):
       data.train_validation_split(ds, bad)
+
+
+def test_num_classes_is_the_datasets_public_constant(tmp_path):
+  """Never inferred from the private labels: a training set without the digits 5-9 still
+  has 10 classes, an unknown dataset needs num_classes, and a label beyond it is refused."""
+  _make_folder(tmp_path, n_train=6, n_test=4)
+  folder = tmp_path
+  for split, n in (("train", 6), ("test", 4)):
+    labels = np.arange(n, dtype=np.uint8) % 5  # only the classes 0-4 occur
+    _write(folder / data.IDX_FILES[f"{split}_labels"], _idx_bytes(labels, 2049), True)
+  train, test = data.load_idx_folder(folder, name="mnist")
+  assert train.num_classes == test.num_classes == data.NUM_CLASSES["mnist"] == 10
+  with pytest.raises(ValueError, match="num_classes must be given"):
+    data.load_idx_folder(folder, name="toy")
+  with pytest.raises(ValueError, match="has 3 classes"):
+    data.load_idx_folder(folder, name="toy", num_classes=3)

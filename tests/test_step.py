@@ -65,6 +65,26 @@ def test_step_metrics():
   assert float(m["grad_norm_median"]) > 0 and np.isfinite(float(m["grad_norm_mean"]))
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_update_ignores_a_real_example_with_a_nan_loss(engine):
+  """The update is finite and equals the update without that example; the clip statistics
+  count it (factor 0: clipped, and non-finite)."""
+  loss_fn, params, batch = make_problem("cnn")
+  opt = optax.sgd(1.0)
+  privacy = DPConfig(l2_norm_clip=1.0, noise_multiplier=0.0, engine=engine)
+  step = make_step(loss_fn, opt, privacy, expected_batch_size=10)
+  s = init_state(params, opt, jax.random.key(0))
+  mask = jnp.array([True] * 10 + [False] * 2)
+  bad = {**batch, "image": batch["image"].at[4].set(jnp.nan)}
+  got, m = step(s, bad, jnp.arange(12), mask)
+  want, _ = step(s, batch, jnp.arange(12), mask.at[4].set(False))
+  assert np.all(np.isfinite(flat(got.params)))
+  np.testing.assert_allclose(flat(got.params), flat(want.params), atol=1e-6)
+  assert float(m["nonfinite_fraction"]) == pytest.approx(0.1)
+  assert float(m["clip_fraction"]) >= 0.1
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm_mean"]))
+
+
 def test_compiles_once_per_batch_shape():
   loss_fn, params, batch = make_problem("mlp", batch_size=40)
   step = make_step(

@@ -19,9 +19,13 @@ class ClippedSum(NamedTuple):
   Attributes:
     sum_of_clipped_grads: sum over real examples of the clipped per-example gradients,
       a pytree shaped like ``params``; padding rows contribute exactly zero.
-    per_example_norms: (B,) L2 norm of each example's unclipped gradient (0 for padding).
-    clip_factors: (B,) the factor min(1, C / norm) applied to each example (0 for padding).
+    per_example_norms: (B,) L2 norm of each example's unclipped gradient (0 for padding; NaN
+      or inf for an example whose gradient is not finite).
+    clip_factors: (B,) the factor min(1, C / norm) applied to each example (0 for padding
+      and for a real example whose norm is NaN or inf).
     losses: (B,) per-example losses (0 for padding).
+
+  The sum's leaves are float32 (or wider) whatever the parameters' dtype.
     aux: per-example auxiliary outputs stacked on a leading axis (None without has_aux;
       unspecified in padding rows: the fast engine runs them as copies of a real row).
   """
@@ -46,33 +50,49 @@ def split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
 
 
 def clip_factors(norms: jax.Array, l2_norm_clip: float, mask: jax.Array) -> jax.Array:
-  """min(1, C / ||g_i||) for real rows and exactly 0 for padding rows.
+  """min(1, C / ||g_i||) for real rows with a finite norm; exactly 0 for padding rows and for
+  real rows whose norm is NaN or inf.
 
-  The ratio is formed as C / max(norm, C) so that a zero or NaN norm on a padding row can
-  never turn into an inf or NaN that survives the mask.
+  A non-finite norm means the example's gradient holds a NaN or an inf (or overflows): no
+  factor bounds its contribution, so it contributes nothing (factor 0, counted in the clip
+  statistics) instead of turning every coordinate of the update into NaN. The ratio is
+  formed as C / max(norm, C) on a finite stand-in, so nothing non-finite survives the select.
   """
-  safe = jnp.where(mask, norms, 0.0)
+  ok = mask & jnp.isfinite(norms)
+  safe = jnp.where(ok, norms, 0.0)
   factors = l2_norm_clip / jnp.maximum(safe, l2_norm_clip)
-  return jnp.where(mask, factors, 0.0)
+  return jnp.where(ok, factors, 0.0)
 
 
-def global_norms(squared_norms: list[jax.Array]) -> jax.Array:
-  """Per-example global L2 norm from a list of (B,) squared per-layer norms."""
-  return jnp.sqrt(sum(squared_norms))
+def accumulation_dtype(dtype: Any) -> Any:
+  """The dtype clip factors, norms and clipped sums are computed in: float32, or wider.
+
+  A bfloat16 or float16 layer's gradients are upcast (exactly) before any norm or sum, so an
+  example's share of the sum has the norm its clip factor was computed from; rounding the
+  factors or the sum to bfloat16 let a share reach 1.0023 C.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def nonfinite_rows(norms: jax.Array, mask: jax.Array) -> jax.Array:
+  """(B,) bool: real rows whose gradient norm is NaN or inf (their clip factor is 0)."""
+  return mask & ~jnp.isfinite(norms)
 
 
 def tree_masked_weighted_sum(per_example: PyTree, weights: jax.Array) -> PyTree:
   """sum_i weights[i] * per_example[i] over the leading axis; rows with weight 0 add exactly 0.
 
-  ``jnp.where`` (not a product alone) keeps NaN or inf in a padding row out of the sum. The
-  sum is a matvec in full float32 (``precision="highest"``: not TF32 on a GPU or bfloat16 on
-  a TPU, so each clipped row keeps its norm): XLA's CPU backend runs a reduction over the
-  leading axis up to 45x slower.
+  ``jnp.where`` (not a product alone) keeps NaN or inf in a row of weight 0 (padding, or a
+  real row with a non-finite gradient) out of the sum. The sum is a float32 matvec (wider
+  for float64 leaves) at ``precision="highest"`` (not TF32 on a GPU or bfloat16 on a TPU),
+  whatever the leaves' dtype, so each clipped row keeps its norm: XLA's CPU backend runs a
+  reduction over the leading axis up to 45x slower.
   """
 
   def one(g: jax.Array) -> jax.Array:
-    w = weights.astype(g.dtype)
-    rows = jnp.where((w != 0)[:, None], g.reshape(g.shape[0], -1), 0)
+    dtype = accumulation_dtype(g.dtype)
+    w = weights.astype(dtype)
+    rows = jnp.where((w != 0)[:, None], g.reshape(g.shape[0], -1).astype(dtype), 0)
     return jnp.matmul(w, rows, precision=jax.lax.Precision.HIGHEST).reshape(g.shape[1:])
 
   return jax.tree_util.tree_map(one, per_example)

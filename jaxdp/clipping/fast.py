@@ -31,11 +31,18 @@ the first real row, its data and its key, so everything they produce is as finit
 row's, and their clip factor of exactly 0 adds exactly 0 to every sum. What a padding row
 holds itself (NaN, inf, values that overflow the model) never enters the step.
 
-Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, layers called more than once,
-e.g. a critic that sees a real and a fake input) fall back to per-example gradients for that
-layer only: ``vmap`` over examples of the layer's own VJP at the recorded ``(a_i, g_i)``.
+A real row whose gradient turns out NaN or inf gets clip factor 0; since ``0 * NaN`` is NaN,
+the sums are then taken again (a ``lax.cond`` that runs only on such a batch) with that row
+run as a padding row.
+
+Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, a Dense with a custom
+``dot_general``, layers called more than once, e.g. a critic that sees a real and a fake
+input) fall back to per-example gradients for that layer only: ``vmap`` over examples of
+the layer's own VJP at the recorded ``(a_i, g_i)``.
 Parameters used outside any recorded layer call (a ``self.param`` in a custom module, tied
-weights used through another method) fall back to ``vmap(grad)`` for those parameters only.
+weights used through another method, layers inside a lifted transform such as ``nn.scan``,
+``nn.vmap`` or ``nn.remat``, which warns once) fall back to ``vmap(grad)`` for those
+parameters only, the reference engine's computation.
 Whether a parameter is used outside the recorded calls is decided from the traced program,
 not assumed: see ``_leaked_leaves``.
 
@@ -61,14 +68,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import tracers as flax_tracers
+from flax.linen import dtypes as flax_dtypes
 
 from jaxdp import conv
 from jaxdp.clipping._common import (
   ClippedSum,
   PerExampleLoss,
   PyTree,
+  accumulation_dtype,
   after,
   clip_factors,
+  nonfinite_rows,
   split_loss,
   tree_masked_weighted_sum,
 )
@@ -142,6 +153,8 @@ _STANDARD_CONVS = (None, jax.lax.conv_general_dilated, conv.conv_general_dilated
 def _conv_rule_ok(m: nn.Conv, kernel_shape: tuple[int, ...]) -> bool:
   if type(m) is not nn.Conv or m.feature_group_count != 1 or m.mask is not None:
     return False
+  if m.promote_dtype is not flax_dtypes.promote_dtype:
+    return False
   if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in _STANDARD_CONVS:
     return False
   if m.input_dilation not in (None, 1) and set(np.atleast_1d(m.input_dilation)) != {1}:
@@ -164,9 +177,24 @@ def _conv_padding(padding: Any, n: int) -> Any:
   return pads if len(pads) == n and all(len(p) == 2 for p in pads) else None
 
 
+def _dense_rule_ok(m: nn.Dense) -> bool:
+  """A Dense that computes ``x @ kernel (+ bias)`` (the rule's assumption): no custom
+  ``dot_general`` (a quantised or scaled product has other gradients) or dtype promotion."""
+  return (
+    m.dot_general is None
+    and m.dot_general_cls is None
+    and m.promote_dtype is flax_dtypes.promote_dtype
+  )
+
+
 def _rule(module: nn.Module, params: Mapping[str, Any]) -> str:
   names = set(params)
-  if type(module) is nn.Dense and names <= {"kernel", "bias"} and params["kernel"].ndim == 2:
+  if (
+    type(module) is nn.Dense
+    and names <= {"kernel", "bias"}
+    and params["kernel"].ndim == 2
+    and _dense_rule_ok(module)
+  ):
     return "dense"
   conv_ok = isinstance(module, nn.Conv) and names <= {"kernel", "bias"}
   if conv_ok and _conv_rule_ok(module, tuple(params["kernel"].shape)):
@@ -174,13 +202,29 @@ def _rule(module: nn.Module, params: Mapping[str, Any]) -> str:
   return "vjp"
 
 
-def _leaf_call(ctx: Any, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
-  """The params of a call the engine records, or None for a call it leaves alone."""
+def _leaf_call(ctx: Any, args: tuple, kwargs: dict, root: Any) -> Mapping[str, Any] | None:
+  """The params of a call the engine records, or None for a call it leaves alone.
+
+  ``root`` is the JAX trace the loss runs in. A call made under another trace is inside a
+  lifted transform of the model (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``, ...):
+  its input and output are values of that inner trace, which cannot leave it, so it is left
+  alone and its parameters take the vmap fallback.
+  """
   if _busy() or ctx.method_name != "__call__" or kwargs or len(args) != 1:
     return None
-  if not _is_array(args[0]):
+  if not _is_array(args[0]) or flax_tracers.current_trace() != root:
     return None
   return _own_params(ctx.module)
+
+
+def _inside_transform(ctx: Any, args: tuple, root: Any) -> bool:
+  """Whether this is a parameterised layer call under a lifted transform (see _leaf_call)."""
+  return (
+    not _busy()
+    and ctx.method_name == "__call__"
+    and flax_tracers.current_trace() != root
+    and _own_params(ctx.module) is not None
+  )
 
 
 def discover(
@@ -200,13 +244,17 @@ def discover(
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   found: list[dict[str, Any]] = []
+  lifted: list[str] = []
 
   def traced(leaves_, ex, key):
     ids = {id(leaf): i for i, leaf in enumerate(leaves_)}
+    root = flax_tracers.current_trace()
 
     def interceptor(next_fun, args, kwargs, ctx):
-      own = _leaf_call(ctx, args, kwargs)
+      own = _leaf_call(ctx, args, kwargs, root)
       if own is None:
+        if _inside_transform(ctx, args, root):
+          lifted.append(type(ctx.module).__name__)
         return next_fun(*args, **kwargs)
       names = tuple(sorted(own))
       leaf_ids = tuple(ids.get(id(own[n]), -1) for n in names)
@@ -235,6 +283,14 @@ def discover(
   abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
   leaves_abs = [abstract(x) for x in leaves]
   jax.make_jaxpr(traced)(leaves_abs, jax.tree_util.tree_map(abstract, example), abstract(rng))
+  if lifted:
+    warnings.warn(
+      "jaxdp fast engine: layer calls inside a lifted Flax transform (nn.scan, nn.vmap, "
+      f"nn.remat, ...: {', '.join(sorted(set(lifted)))}) take the "
+      "reference engine's per-example vmap for their parameters; the rest of the model "
+      "keeps the fast rules.",
+      stacklevel=3,
+    )
 
   # A layer called more than once shares its parameters between calls: the exact norm needs
   # the cross terms, so every call of it goes to the per-layer vjp rule.
@@ -275,9 +331,10 @@ def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, c
 
   def detached(leaves_, ex, key):
     ids = {id(leaf): i for i, leaf in enumerate(leaves_)}
+    root = flax_tracers.current_trace()
 
     def interceptor(next_fun, args, kwargs, ctx):
-      own = _leaf_call(ctx, args, kwargs)
+      own = _leaf_call(ctx, args, kwargs, root)
       if own is None:
         return next_fun(*args, **kwargs)
       names = tuple(sorted(own))
@@ -499,6 +556,11 @@ def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, 
   """Per-example squared norm of a dense or conv layer's weight gradient (bias excluded),
   and what the clipped sum needs."""
   b = g.shape[0]
+  # Norms and sums in float32 (exact upcasts) whatever the layer's dtype; the Gram norm's
+  # sum is the layer's own vjp, which would run in the layer's dtype, so only float32 or
+  # wider layers take it.
+  wide = g.dtype == accumulation_dtype(g.dtype) and a.dtype == accumulation_dtype(a.dtype)
+  a, g = a.astype(accumulation_dtype(a.dtype)), g.astype(accumulation_dtype(g.dtype))
   g_rows = g.reshape(b, -1, g.shape[-1])
   t, p = g_rows.shape[1:]
   if call.rule == "dense":
@@ -509,7 +571,8 @@ def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, 
   ci = _conv_input(call, a)
   positions = int(np.prod(ci.x.shape[:-1])) // b
   k, c = int(np.prod(ci.taps)), ci.x.shape[-1]
-  how = _outer_rule(b, t, k * c, p, positions * positions * c + t * t * (k + p))
+  gram_macs = positions * positions * c + t * t * (k + p) if wide else None
+  how = _outer_rule(b, t, k * c, p, gram_macs)
   if how == "gram":
     return _conv_gram_sq_norm(ci, g_rows), _Kept(how, None, g_rows, None, None)
   a_rows = _conv_patches(ci, b)
@@ -571,13 +634,30 @@ def clipped_sum(
   Formal guarantees:
     For every real row i the contribution is ``c_i G_i`` with ``c_i = min(1, C/||G_i||)``,
     ``||G_i||`` the exact global norm of the example's full gradient (every parameter leaf is
-    counted, by a layer rule, the per-layer vjp, or vmap), so it has L2 norm <= C; padding
-    rows contribute exactly zero, even if their inputs, loss or gradients are NaN or inf.
+    counted, by a layer rule, the per-layer vjp, or vmap), so it has L2 norm <= C; norms,
+    factors and sums are float32 (or wider) whatever the layers' dtype. Padding rows, and
+    real rows whose gradient holds a NaN or an inf (factor 0, norm reported as is),
+    contribute exactly zero, even if their inputs, loss or gradients are NaN or inf.
   """
   mask = mask.astype(bool)
   if plan is None:
     first = lambda x: x[0]
     plan = discover(loss_fn, params, jax.tree_util.tree_map(first, batch), rngs[0], has_aux)
+  args = (loss_fn, plan, params, batch, rngs, l2_norm_clip, has_aux)
+  norms, factors, out, losses, aux = _one_pass(*args, mask)
+  # A real row whose gradient holds a NaN or an inf has clip factor 0, but a product with 0
+  # is still NaN: the sums are taken again with such rows run as padding rows (copies of a
+  # finite row). Only the branch taken runs; the first pass's per-layer arrays are dead by
+  # then, so the retake costs compile time, not memory or time on finite batches.
+  bad = nonfinite_rows(norms, mask)
+  retake = lambda: _one_pass(*args, mask & ~bad)[2]
+  out = jax.lax.cond(jnp.any(bad), retake, lambda: out)
+  treedef = jax.tree_util.tree_structure(params)
+  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
+
+
+def _one_pass(loss_fn, plan, params, batch, rngs, l2_norm_clip, has_aux, mask):
+  """Norms, clip factors, the clipped sum's leaves, losses and aux of one batched pass."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   b = mask.shape[0]
   calls = plan.calls
@@ -602,9 +682,10 @@ def clipped_sum(
     order: dict[tuple[int, ...], list[int]] = {}
     for k, c in enumerate(calls):
       order.setdefault(c.leaf_ids, []).append(k)
+    root = flax_tracers.current_trace()
 
     def interceptor(next_fun, args, kwargs, ctx):
-      own = _leaf_call(ctx, args, kwargs)
+      own = _leaf_call(ctx, args, kwargs, root)
       if own is None:
         return next_fun(*args, **kwargs)
       key_ids = tuple(ids.get(id(own[n]), -1) for n in sorted(own))
@@ -643,8 +724,7 @@ def clipped_sum(
     norms, factors, out = _clip_and_sum(
       plan, leaves, inputs, out_grads, rest_grads, mask, l2_norm_clip
     )
-  losses = jnp.where(mask, losses, 0.0)
-  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
+  return norms, factors, out, jnp.where(mask, losses, 0.0), aux
 
 
 def _clip_and_sum(
@@ -694,12 +774,11 @@ def _clip_and_sum(
       vjp_grads[c.leaf_ids] = (
         per_ex if acc is None else jax.tree_util.tree_map(jnp.add, acc, per_ex)
       )
+  row_sq = lambda x: jnp.sum(jnp.square(x.astype(accumulation_dtype(x.dtype))).reshape(b, -1), 1)
   for per_ex in vjp_grads.values():
-    sq_norms = sq_norms + sum(
-      jnp.sum(jnp.square(x).reshape(b, -1), axis=1) for x in jax.tree_util.tree_leaves(per_ex)
-    )
+    sq_norms = sq_norms + sum(row_sq(x) for x in jax.tree_util.tree_leaves(per_ex))
   for g in rest_grads:
-    sq_norms = sq_norms + jnp.sum(jnp.square(g).reshape(b, -1), axis=1)
+    sq_norms = sq_norms + row_sq(g)
 
   norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
   factors = clip_factors(norms, l2_norm_clip, mask)
@@ -740,7 +819,9 @@ def _clip_and_sum(
   # Without a real row the copied row is a padding row itself: its sums are dropped.
   real = jnp.any(mask)
   out = [
-    jnp.zeros_like(leaf) if o is None else jnp.where(real, o, 0).astype(leaf.dtype)
+    jnp.zeros(np.shape(leaf), accumulation_dtype(leaf.dtype))
+    if o is None
+    else jnp.where(real, o, 0).astype(accumulation_dtype(leaf.dtype))
     for o, leaf in zip(out, leaves, strict=True)
   ]
   return norms, factors, out

@@ -18,6 +18,7 @@ from jaxdp.clipping._common import (
   ClippedSum,
   PerExampleLoss,
   PyTree,
+  accumulation_dtype,
   clip_factors,
   split_loss,
   tree_masked_weighted_sum,
@@ -55,7 +56,8 @@ def per_example_grads(
 
 def _tree_sq_norms(grads: PyTree) -> jax.Array:
   leaves = jax.tree_util.tree_leaves(grads)
-  return sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in leaves)
+  sq = lambda g: jnp.square(g.astype(accumulation_dtype(g.dtype))).reshape(g.shape[0], -1)
+  return sum(jnp.sum(sq(g), axis=1) for g in leaves)
 
 
 def clipped_sum(
@@ -87,7 +89,9 @@ def clipped_sum(
 
   Formal guarantees:
     For every real row i the contribution has L2 norm <= C (global) or <= C_k on group k
-    (per-layer); padding rows contribute exactly zero, even if their loss is NaN or inf.
+    (per-layer), computed and summed in float32 whatever the parameters' dtype; padding
+    rows, and real rows whose gradient (of a group, under per-layer clipping) holds a NaN or
+    an inf, contribute exactly zero (their clip factor is 0).
   """
   mask = mask.astype(bool)
   grads, losses, aux = per_example_grads(loss_fn, params, batch, rngs, has_aux=has_aux)
@@ -103,10 +107,12 @@ def clipped_sum(
     return ClippedSum(summed, norms, factors, losses, aux)
 
   # Per-layer clipping: l2_norm_clip is a prefix tree of params; clip each group on its own.
+  # An example with a NaN or inf anywhere in its gradient contributes to no group.
   bounds, bounds_def = jax.tree_util.tree_flatten(l2_norm_clip)
+  finite = mask & jnp.isfinite(norms)
   sums, group_factors = [], []
   for bound, sub in zip(bounds, bounds_def.flatten_up_to(grads), strict=True):
-    f = clip_factors(jnp.sqrt(_tree_sq_norms(sub)), float(bound), mask)
+    f = clip_factors(jnp.sqrt(_tree_sq_norms(sub)), float(bound), finite)
     sums.append(tree_masked_weighted_sum(sub, f))
     group_factors.append(f)
   factors = jnp.min(jnp.stack(group_factors), axis=0)

@@ -1,0 +1,228 @@
+"""The settings every experiment shares, as frozen dataclasses that are also its flags.
+
+An experiment's config inherits the groups it needs and adds its own fields; each group
+validates its fields in ``__post_init__`` with a message that names the flag:
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(DataSettings, PrivacySettings, RunSettings):
+      epochs: int = option(30, "training epochs")
+
+Fields that change privacy (clip, noise, delta, sampling) live in :class:`PrivacySettings`
+and the training settings; :class:`RunSettings` holds what cannot (folders, progress bars),
+and the seed, which governs only what is public.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+from jaxdp import _validate, accounting, data
+from jaxdp import step as step_lib
+from jaxdp.experiment.cli import flag, option
+from jaxdp.keys import KeySource
+from jaxdp.models import classifier as classifier_lib
+
+__all__ = [
+  "DataSettings",
+  "Job",
+  "PrivacySettings",
+  "RunSettings",
+  "Settings",
+  "SyntheticSettings",
+]
+
+DATASETS = (*data.DATASETS, "synthetic")
+
+
+def _positive_ints(name: str, values: tuple[int, ...]) -> tuple[int, ...]:
+  if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in values):
+    raise ValueError(f"{name} must be integers >= 1, got {values}")
+  return values
+
+
+# The value checks a field can name in option(check=...); each raises naming the flag.
+CHECKS = {
+  "positive": _validate.positive,
+  "positive_int": _validate.positive_int,
+  "non_negative_int": _validate.non_negative_int,
+  "fraction": lambda name, x: _validate.probability(name, x, high_open=True),  # (0, 1)
+  "decay": lambda name, x: _validate.probability(name, x, low_open=False, high_open=True),
+  "positive_ints": _positive_ints,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  """The root of the settings groups. ``__post_init__`` checks every field's choices and
+  declared check (None always passes), then runs each group's ``check`` method."""
+
+  def __post_init__(self) -> None:
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if value is None:
+        continue
+      if f.metadata.get("choices"):
+        _validate.one_of(flag(f.name), value, f.metadata["choices"])
+      if f.metadata.get("check"):
+        CHECKS[f.metadata["check"]](flag(f.name), value)
+    for cls in reversed(type(self).__mro__):
+      check = cls.__dict__.get("check")
+      if check is not None:
+        check(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings(Settings):
+  """Where the run writes and how it shows progress; the public seed."""
+
+  seed: int = option(
+    0,
+    "seed of everything public: initialisation, data splits, synthetic labels. The DP noise "
+    "and batches never derive from it",
+    check="non_negative_int",
+  )
+  insecure_reproducible_noise: bool = option(
+    False,
+    "derive the DP noise and batches from --seed (debugging and tests only: the noise is "
+    "then public and the run has NO privacy guarantee)",
+  )
+  quick: bool = option(False, "a small smoke run, minutes on a CPU")
+  out: str = option("runs", "parent folder of the run folder")
+  name: str | None = option(None, "run folder name (default: time and settings)")
+  progress: bool = option(True, "progress bars")
+  tensorboard: bool = option(False, "also write TensorBoard event files")
+
+  def check(self) -> None:
+    if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+      raise ValueError(f"--name must be a plain folder name, got {self.name!r}")
+
+  def key_source(self) -> KeySource:
+    """Secret keys from the OS; from ``seed`` only with --insecure-reproducible-noise."""
+    return KeySource(insecure_seed=self.seed if self.insecure_reproducible_noise else None)
+
+  @property
+  def noise_mode(self) -> str:
+    """How the run's DP noise was drawn, as recorded in config.json."""
+    if self.insecure_reproducible_noise:
+      return "INSECURE: derived from --seed (no privacy guarantee)"
+    return "secure: OS entropy, not recorded"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSettings(Settings):
+  """Which data, and how its training split is partitioned (jaxdp.experiment.splits)."""
+
+  dataset: str = option("mnist", "dataset (synthetic: a tiny learnable set)", choices=DATASETS)
+  data_dir: str | None = option(
+    None, f"folder with the four IDX files (else ${data.DATA_DIR_ENV}, else TFDS)"
+  )
+  train_size: int | None = option(
+    None, "private training examples (none: all that is left)", check="positive_int"
+  )
+  validation_size: int = option(
+    5000,
+    "training examples held out for curves and choices (never trained on)",
+    check="non_negative_int",
+  )
+  public_size: int = option(
+    0, "training examples set apart as public data (never private)", check="non_negative_int"
+  )
+  test: bool = option(
+    True, "read the test set once at the end for the reported numbers (--no-test: tuning)"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One model of a run: private with a target epsilon or a noise multiplier, or not."""
+
+  label: str
+  private: bool
+  target_epsilon: float | None = None
+  noise_multiplier: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacySettings(Settings):
+  """DP-SGD's settings: clip, noise (given or calibrated), delta, accountant, engine."""
+
+  DEFAULT_EPSILON: ClassVar[float] = 3.0
+
+  clip: float = option(1.0, "L2 clip norm of each example's gradient", check="positive")
+  noise_multiplier: float | None = option(
+    None, "noise std / clip; the epsilon follows from it", check="positive"
+  )
+  target_epsilon: float | None = option(
+    None, "calibrate the noise to this epsilon (default: the experiment's)", check="positive"
+  )
+  epsilons: tuple[float, ...] = option(
+    (), "comma-separated targets, e.g. 1,3,8 (inf: no DP): one model each, independent noise"
+  )
+  delta: float = option(1e-5, "delta of every epsilon (must be < 1/N)", check="fraction")
+  accountant: str = option(
+    "pld", "accountant that calibrates the noise (both reported)", choices=accounting.ACCOUNTANTS
+  )
+  engine: str = option("auto", "per-example clipping engine", choices=step_lib.ENGINES)
+  microbatch_size: int | str | None = option(
+    "auto",
+    "rows per sequential microbatch inside the jitted step (same numbers, less memory): "
+    "auto, none or an integer",
+    parse=lambda text: step_lib.parse_microbatch_size(text, "--microbatch-size"),
+  )
+
+  def check(self) -> None:
+    step_lib.check_microbatch_size(self.microbatch_size, flag("microbatch_size"))
+    given = [self.noise_multiplier, self.target_epsilon, self.epsilons or None]
+    if sum(g is not None for g in given) > 1:
+      raise ValueError("give at most one of --noise-multiplier, --target-epsilon, --epsilons")
+    if any(math.isnan(e) or e <= 0 for e in self.epsilons):
+      raise ValueError(f"--epsilons must all be numbers > 0 (inf: no DP), got {self.epsilons}")
+
+  def jobs(self, tag: str = "DP") -> list[Job]:
+    """The models the privacy flags ask for, in order (``inf`` in --epsilons: no DP)."""
+    if self.noise_multiplier is not None:
+      s = self.noise_multiplier
+      return [Job(f"{tag} sigma={s:g}", True, noise_multiplier=s)]
+    targets = self.epsilons or (self.target_epsilon or self.DEFAULT_EPSILON,)
+    return [
+      Job("non-private", False) if math.isinf(e) else Job(f"{tag} eps={e:g}", True, e)
+      for e in targets
+    ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SyntheticSettings(Settings):
+  """What a synthetic-data experiment releases and measures: the sampled set, its label
+  proportions, the train-on-synthetic classifier and the FID feature network (trained on
+  the public partition: give ``--public-size`` > 0 for FID / IS)."""
+
+  dp_label_counts: bool = option(False, "class proportions from noisy label counts (accounted)")
+  label_noise_multiplier: float = option(
+    50.0, "noise std on each label count (sensitivity 1)", check="positive"
+  )
+  num_samples: int | None = option(
+    None, "synthetic images (none: the private set's size)", check="positive_int"
+  )
+  held_out_fraction: float = option(
+    0.1, "extra held-out synthetic images, for selection", check="fraction"
+  )
+  images_per_class: int = option(5, "grid columns", check="positive_int")
+  classifier: str = option(
+    "tf_cnn", "classifier trained on synthetic data", choices=tuple(classifier_lib.MODELS)
+  )
+  classifier_activation: str = option(
+    "relu", "its activation", choices=tuple(classifier_lib.ACTIVATIONS)
+  )
+  classifier_epochs: int = option(
+    10, "its epochs (the best on held-out synthetic is kept)", check="positive_int"
+  )
+  classifier_batch_size: int = option(256, "its batch size", check="positive_int")
+  classifier_lr: float = option(0.01, "its SGD learning rate (momentum 0.9)", check="positive")
+  classifier_shift: int = option(
+    1, "shift synthetic images by up to this many pixels", check="non_negative_int"
+  )
+  feature_epochs: int = option(
+    10, "epochs of the FID feature network (public data, cached)", check="positive_int"
+  )

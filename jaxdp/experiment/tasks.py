@@ -1,0 +1,675 @@
+"""The tasks experiments are built from: train a model (private or not) through the one
+jaxdp step, train and evaluate classifiers, train on synthetic data and test on real, FID/IS.
+
+:func:`fit` is the one training task. It draws the sampler's seed and the state's key (the
+noise and per-example keys) from the run's :class:`~jaxdp.keys.KeySource` under the model's
+label, so every model of a run has its own secret noise; it records a private model in the
+run folder's ledger, and it sends what it measures to the right place: per-epoch metrics of
+a held-out split and the epsilon so far to the released stream (for a DP model), statistics
+of the private training batches (loss, accuracy, gradient norms, fraction clipped) to the
+non-DP diagnostics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import serialization
+
+from jaxdp import _validate, accounting, data, optim, synth
+from jaxdp.experiment.cli import UsageError, flag, usage_errors
+from jaxdp.experiment.runs import RunFolder, format_table, slug
+from jaxdp.experiment.settings import Job, PrivacySettings, SyntheticSettings
+from jaxdp.experiment.splits import Splits, load_splits
+from jaxdp.keys import KeySource
+from jaxdp.metrics import (
+  classifier_outputs,
+  evaluate_classifier,
+  feature_scores,
+  per_class_accuracy,
+)
+from jaxdp.models import classifier as classifier_lib
+from jaxdp.models import scatternet
+from jaxdp.sampling import PoissonSampler
+from jaxdp.step import DPConfig, init_state, make_step
+from jaxdp.train import train
+
+__all__ = [
+  "CLASSIFIERS",
+  "FEATURE_NETWORK",
+  "Noise",
+  "Trained",
+  "Training",
+  "calibrate",
+  "classifier_inputs",
+  "evaluate_generator",
+  "feature_network",
+  "fid_is",
+  "fit",
+  "label_proportions",
+  "load_data",
+  "make_classifier",
+  "synthetic_table",
+  "test_classifier",
+  "train_classifier",
+  "train_on_synthetic",
+]
+
+PyTree = Any
+PLD_CURVE_POINTS = 8  # epochs at which a private run's epsilon curve gets a PLD value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Training:
+  """How one model trains (the settings that change no privacy beyond batch and epochs)."""
+
+  epochs: int
+  batch_size: int
+  lr: float
+  optimizer: str = "sgd"
+  momentum: float | None = None
+  ema: float = 0.0  # decay of the released parameter average; 0: the last iterate
+  microbatch_size: int | str | None = "auto"
+
+  def __post_init__(self) -> None:
+    _validate.positive_int("epochs", self.epochs)
+    _validate.positive_int("batch_size", self.batch_size)
+    _validate.positive("lr", self.lr)
+    _validate.probability("ema", self.ema, low_open=False, high_open=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Noise:
+  """The DP-SGD mechanism of one private model."""
+
+  l2_norm_clip: float
+  noise_multiplier: float
+  delta: float
+  accountant: str = "pld"
+  engine: str = "auto"
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained model: the parameters it releases, its summary and per-epoch history."""
+
+  label: str
+  params: PyTree
+  entry: dict[str, Any]
+  history: list[dict[str, Any]]
+
+
+def load_data(cfg: Any, batch_flags: tuple[str, ...] = ("batch_size",)) -> Splits:
+  """The splits of an experiment's config (its data and privacy settings), checked against
+  the data: every batch size in ``batch_flags`` fits the private set, and delta < 1/N.
+
+  Raises:
+    UsageError: with a message that names the flag.
+  """
+  with usage_errors():
+    splits = load_splits(
+      cfg.dataset,
+      cfg.data_dir,
+      train_size=cfg.train_size,
+      validation_size=cfg.validation_size,
+      public_size=cfg.public_size,
+      seed=cfg.seed,
+    )
+  n = len(splits.private)
+  for name in batch_flags:
+    if getattr(cfg, name) > n:
+      raise UsageError(f"{flag(name)} must be <= {n} (the private training set)")
+  if cfg.delta >= 1.0 / n:
+    raise UsageError(f"--delta must be < 1/N = {1 / n:.3g} for N = {n}, got {cfg.delta:g}")
+  return splits
+
+
+def calibrate(
+  job: Job,
+  privacy: PrivacySettings,
+  *,
+  num_examples: int,
+  training: Training,
+  ledger: accounting.PrivacyLedger | None = None,
+) -> Noise | None:
+  """The mechanism of ``job``: its noise multiplier, given or calibrated to its target.
+
+  With ``ledger``, the calibration composes the earlier private uses in it, so the whole
+  pipeline (e.g. noisy label counts, then the model) meets the target.
+
+  Raises:
+    UsageError: if the target cannot be met (the message names the flag).
+  """
+  if not job.private:
+    return None
+  sigma = job.noise_multiplier
+  if sigma is None:
+    q = training.batch_size / num_examples
+    steps = training.epochs * max(1, round(1 / q))
+    try:
+      sigma = accounting.calibrate_noise_multiplier(
+        job.target_epsilon, privacy.delta, q, steps, privacy.accountant, ledger=ledger
+      )
+    except ValueError as err:
+      raise UsageError(f"--target-epsilon / --epsilons: {err}") from err
+  return Noise(
+    l2_norm_clip=privacy.clip,
+    noise_multiplier=sigma,
+    delta=privacy.delta,
+    accountant=privacy.accountant,
+    engine=privacy.engine,
+  )
+
+
+def _released_params(state: Any) -> PyTree:
+  ema = optim.ema_params(state.opt_state)
+  return state.params if ema is None else ema
+
+
+def fit(
+  label: str,
+  loss_fn: Callable,
+  params: PyTree,
+  train_data: Mapping[str, jax.Array],
+  training: Training,
+  *,
+  noise: Noise | None,
+  keys: KeySource,
+  run: RunFolder | None = None,
+  evaluate: Callable[[PyTree], Mapping[str, float]] | None = None,
+  select: str | None = None,
+  release: bool | None = None,
+  has_aux: bool = False,
+  aux_name: str = "accuracy",
+  progress: bool = True,
+) -> Trained:
+  """Trains one model through the one jaxdp step, privately (``noise``) or not.
+
+  Args:
+    label: the model's name in the run (its keys, ledger entry, files and logs).
+    loss_fn: per-example loss ``loss_fn(params, example, rng)``.
+    params: initial parameters.
+    train_data: the training examples as device arrays with a leading example axis.
+    training: epochs, expected batch size, optimiser.
+    noise: the DP-SGD mechanism, or None for non-private training.
+    keys: the run's key source: the sampler's seed and the noise key come from it.
+    run: the run folder, or None.
+    evaluate: ``evaluate(params) -> {name: value}`` on a held-out split, after every epoch
+      (e.g. ``validation_accuracy``); never the test set.
+    select: a key of ``evaluate``'s output to maximise: the released parameters are those of
+      the best epoch (a choice on the held-out split) instead of the last.
+    release: whether the model's per-epoch metrics go to the released stream; default: only
+      a private model's (a model trained without DP on private data is not released).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    aux_name: the name of a per-example aux array in the diagnostics.
+    progress: progress bars.
+
+  Returns:
+    :class:`Trained`; ``entry`` holds the settings, the epsilon (PLD and RDP) of a private
+    model, times, and the last (or selected) evaluation.
+  """
+  n = int(jax.tree_util.tree_leaves(train_data)[0].shape[0])
+  private = noise is not None
+  release = private if release is None else release
+  sampler = PoissonSampler(
+    n, expected_batch_size=min(training.batch_size, n), seed=keys.seed(f"{label}/batches")
+  )
+  q, steps = sampler.sampling_prob, training.epochs * sampler.steps_per_epoch
+  entry: dict[str, Any] = {
+    "label": label,
+    "private": private,
+    "num_examples": n,
+    "epochs": training.epochs,
+    "steps": steps,
+    "expected_batch_size": sampler.expected_batch_size,
+    "sampling_prob": q,
+    "learning_rate": training.lr,
+  }
+  privacy, tracker = None, None
+  if private:
+    privacy = DPConfig(
+      l2_norm_clip=noise.l2_norm_clip, noise_multiplier=noise.noise_multiplier, engine=noise.engine
+    )
+    tracker = accounting.EpsilonTracker(q, noise.noise_multiplier, noise.delta)
+    entry.update(l2_norm_clip=noise.l2_norm_clip, noise_multiplier=noise.noise_multiplier)
+    print(f"{label}: q = {q:.5f}, {steps} steps, noise multiplier {noise.noise_multiplier:.4f}")
+  opt = optim.make_optimizer(
+    training.optimizer, training.lr, momentum=training.momentum, ema_decay=training.ema or None
+  )
+  step = make_step(
+    loss_fn,
+    opt,
+    privacy,
+    expected_batch_size=sampler.expected_batch_size,
+    has_aux=has_aux,
+    microbatch_size=training.microbatch_size,
+  )
+  state = init_state(params, opt, keys.key(f"{label}/noise"))
+  best: dict[str, Any] = {}
+
+  def on_epoch(epoch: int, state: Any) -> Mapping[str, float]:
+    if evaluate is None:
+      return {}
+    result = dict(evaluate(_released_params(state)))
+    if select is not None and (not best or result[select] > best["value"]):
+      best.update(value=result[select], epoch=epoch, params=_released_params(state))
+    return result
+
+  state, raw = train(
+    step,
+    state,
+    train_data,
+    sampler,
+    epochs=training.epochs,
+    tracker=tracker,
+    on_epoch=on_epoch,
+    aux_name=aux_name,
+    desc=label,
+    progress=progress,
+  )
+  assert int(state.step) == steps, "the run took other steps than accounted"
+  history = []
+  for i, row in enumerate(raw):
+    shown = {k: v for k, v in row.items() if not k.startswith("train_") and k != "grad_norms"}
+    if private and i in _pld_points(len(raw)):
+      event = accounting.dpsgd_event(q, noise.noise_multiplier, int(row["step"]))
+      shown["epsilon_pld"] = accounting.epsilon(event, noise.delta, "pld")
+    history.append(shown)
+    if run is not None:
+      diag = {k: v for k, v in row.items() if k.startswith("train_") or k == "epoch"}
+      if release:
+        run.released.log(label, row["step"], shown)
+        run.diagnostics.log(label, row["step"], diag)
+      else:
+        run.diagnostics.log(label, row["step"], {**shown, **diag})
+      if "grad_norms" in row:
+        run.diagnostics.histogram(label, "per_example_grad_norm", row["step"], row["grad_norms"])
+  entry["train_time_s"] = raw[-1]["time"]
+  entry.update({k: v for k, v in history[-1].items() if k not in ("epoch", "step", "time")})
+  released = _released_params(state)
+  if select is not None and best:
+    released = best["params"]
+    entry["selected_epoch"] = best["epoch"]
+    entry[select] = best["value"]
+  if private:
+    event = accounting.dpsgd_event(q, noise.noise_multiplier, steps)
+    entry["epsilon_pld"] = history[-1]["epsilon_pld"]
+    entry["epsilon_rdp"] = accounting.epsilon(event, noise.delta, "rdp")
+    entry["epsilon"] = entry[f"epsilon_{noise.accountant}"]
+    entry["delta"] = noise.delta
+    if run is not None:
+      run.ledger.add_dpsgd(label, q, noise.noise_multiplier, steps)
+  return Trained(label, released, entry, history)
+
+
+def _pld_points(epochs: int) -> set[int]:
+  """Epoch indices that get a PLD epsilon (about PLD_CURVE_POINTS, the last included)."""
+  last = epochs - 1
+  return {round(k * last / (PLD_CURVE_POINTS - 1)) for k in range(PLD_CURVE_POINTS)}
+
+
+# -- classifiers -------------------------------------------------------------------------
+
+# scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features.
+CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn")
+
+
+def make_classifier(name: str, num_classes: int, activation: str) -> nn.Module:
+  """The classifier named ``name`` (one of ``CLASSIFIERS``)."""
+  _validate.one_of("model", name, CLASSIFIERS)
+  if name == "scatter_cnn":
+    return scatternet.ScatterCNN(num_classes=num_classes, act=activation)
+  return classifier_lib.make_classifier(name, num_classes=num_classes, act=activation)
+
+
+def classifier_inputs(name: str, ds: data.Dataset) -> dict[str, jax.Array]:
+  """The inputs of classifier ``name`` on the device: the images, or for ``scatter_cnn``
+  their ScatterNet features (fixed filters, computed per example: no privacy cost)."""
+  arrays = ds.arrays()
+  if name == "scatter_cnn":
+    arrays = {"image": scatternet.scattering_dataset(ds.images), "label": ds.labels}
+  return jax.device_put(arrays)
+
+
+def train_classifier(
+  label: str,
+  model: nn.Module,
+  train_data: Mapping[str, jax.Array],
+  training: Training,
+  *,
+  noise: Noise | None,
+  keys: KeySource,
+  init_key: jax.Array,
+  run: RunFolder | None = None,
+  validation: Mapping[str, jax.Array] | None = None,
+  split_name: str = "validation",
+  select: bool = False,
+  release: bool | None = None,
+  progress: bool = True,
+) -> Trained:
+  """A classifier (softmax cross-entropy), privately or not; curves on ``validation``.
+
+  Args:
+    label: the model's name in the run.
+    model: a Flax classifier ``(B, ...) -> (B, K)``.
+    train_data: ``{"image": ..., "label": ...}`` device arrays (e.g. ScatterNet features).
+    training: epochs, batch, optimiser.
+    noise: the DP mechanism, or None.
+    keys: the run's key source.
+    init_key: the (public) key of the initial parameters.
+    run: the run folder.
+    validation: held-out ``{"image", "label"}`` arrays: per-epoch ``<split_name>_accuracy``
+      and ``<split_name>_loss``.
+    split_name: the name of that split in the metrics.
+    select: release the epoch with the best accuracy on ``validation`` (checkpoint choice on
+      the held-out split) instead of the last.
+    release: see :func:`fit`.
+    progress: progress bars.
+  """
+  params = jax.jit(model.init)(init_key, train_data["image"][:1])["params"]
+
+  def evaluate(p: PyTree) -> dict[str, float]:
+    res = evaluate_classifier(model, p, validation)
+    return {f"{split_name}_accuracy": res["accuracy"], f"{split_name}_loss": res["loss"]}
+
+  return fit(
+    label,
+    classifier_lib.classifier_loss(model),
+    params,
+    train_data,
+    training,
+    noise=noise,
+    keys=keys,
+    run=run,
+    evaluate=evaluate if validation is not None else None,
+    select=f"{split_name}_accuracy" if select and validation is not None else None,
+    release=release,
+    has_aux=True,
+    progress=progress,
+  )
+
+
+def test_classifier(
+  model: nn.Module, params: PyTree, test_data: Mapping[str, jax.Array]
+) -> dict[str, Any]:
+  """Test accuracy, loss and per-class accuracy of a released classifier (read once)."""
+  res = evaluate_classifier(model, params, test_data)
+  _, logits = classifier_outputs(model, params, test_data["image"])
+  num_classes = logits.shape[-1]
+  per_class = per_class_accuracy(logits, np.asarray(test_data["label"]), num_classes)
+  return {
+    "test_accuracy": res["accuracy"],
+    "test_loss": res["loss"],
+    "per_class_test_accuracy": per_class,
+  }
+
+
+test_classifier.__test__ = False  # a library function, not a pytest test
+
+
+def train_on_synthetic(
+  label: str,
+  synthetic: data.Dataset,
+  held_out: data.Dataset,
+  settings: SyntheticSettings,
+  *,
+  validation: data.Dataset | None,
+  test: data.Dataset | None,
+  keys: KeySource,
+  init_key: jax.Array,
+  run: RunFolder | None = None,
+  release: bool = True,
+  progress: bool = True,
+) -> dict[str, Any]:
+  """Train on synthetic, test on real: the downstream utility of a synthetic dataset.
+
+  An ordinary (non-private) classifier (``settings.classifier*``) is trained on
+  ``synthetic`` only, each image shifted by up to ``classifier_shift`` pixels at random;
+  the epoch with the best accuracy on ``held_out`` synthetic data (sampled apart from
+  ``synthetic``) is kept. That model is scored on the real ``validation`` split (where
+  settings are chosen) and on ``test`` (read once, for the reported number). It reads no
+  private training data, so a DP synthetic set's classifier is as private as the set.
+
+  Returns:
+    ``{"model", "epochs", "selected_epoch", "held_out_accuracy", "validation_accuracy",
+    "test_accuracy", "per_class_test_accuracy", "history", ...}`` (without the entries of a
+    split that is None).
+  """
+  clf = classifier_lib.make_classifier(
+    settings.classifier, num_classes=synthetic.num_classes, act=settings.classifier_activation
+  )
+  training = Training(
+    epochs=settings.classifier_epochs,
+    batch_size=min(settings.classifier_batch_size, len(synthetic)),
+    lr=settings.classifier_lr,
+    momentum=0.9,
+    ema=0.999,
+  )
+  trained = train_classifier(
+    label,
+    clf,
+    jax.device_put(data.random_shifts(synthetic, settings.classifier_shift).arrays()),
+    training,
+    noise=None,
+    keys=keys,
+    init_key=init_key,
+    run=run,
+    validation=jax.device_put(held_out.arrays()),
+    split_name="held_out",
+    select=True,
+    release=release,
+    progress=progress,
+  )
+  out = {
+    "model": settings.classifier,
+    "activation": settings.classifier_activation,
+    "epochs": training.epochs,
+    "shift_augmentation": settings.classifier_shift,
+    "selected_epoch": trained.entry["selected_epoch"],
+    "held_out_accuracy": trained.entry["held_out_accuracy"],
+    "train_time_s": trained.entry["train_time_s"],
+    "history": trained.history,
+  }
+  if validation is not None:
+    res = evaluate_classifier(clf, trained.params, jax.device_put(validation.arrays()))
+    out["validation_accuracy"] = res["accuracy"]
+  if test is not None:
+    out.update(test_classifier(clf, trained.params, jax.device_put(test.arrays())))
+  return out
+
+
+def label_proportions(
+  label: str,
+  splits: Splits,
+  settings: SyntheticSettings,
+  *,
+  keys: KeySource,
+  ledger: accounting.PrivacyLedger,
+  run: RunFolder | None,
+) -> tuple[np.ndarray | None, list[float] | None]:
+  """The class proportions of a synthetic set: balanced (None; reads no private data), or
+  with ``--dp-label-counts`` the Gaussian mechanism on the private label histogram (its
+  noise secret), recorded in the pipeline's ``ledger`` and the run's.
+
+  Returns:
+    ``(proportions, noisy_counts)``, both None for balanced classes.
+  """
+  if not settings.dp_label_counts:
+    return None, None
+  proportions, noisy = synth.dp_label_proportions(
+    splits.private.labels,
+    splits.num_classes,
+    settings.label_noise_multiplier,
+    ledger,
+    seed=keys.seed(f"{label}/label_counts"),
+  )
+  if run is not None:
+    run.ledger.add_gaussian(f"{label}/label_counts", settings.label_noise_multiplier)
+  return proportions, noisy.tolist()
+
+
+def evaluate_generator(
+  label: str,
+  generator: synth.Generator,
+  settings: SyntheticSettings,
+  splits: Splits,
+  *,
+  proportions: np.ndarray | None,
+  features: tuple[nn.Module, PyTree] | None,
+  keys: KeySource,
+  run: RunFolder | None,
+  release: bool,
+  test: bool,
+  seed: int,
+  progress: bool = True,
+) -> tuple[dict[str, Any], data.Dataset]:
+  """What follows a trained generator: sample, release, train on synthetic, FID / IS.
+
+  Samples ``num_samples`` labelled images (class proportions ``proportions``, None for
+  balanced; latents from the run's secret keys) and a held-out ``held_out_fraction`` more;
+  writes the set to the run folder (released, or under ``nondp/``); trains on it and tests
+  on real data (:func:`train_on_synthetic`); and scores it with the feature network against
+  the test set (``test``) or the validation split. All of it is post-processing of the
+  generator and ``proportions``: no privacy cost.
+
+  Returns:
+    ``(entry, synthetic)``: the measurements and the released synthetic set.
+  """
+  num = settings.num_samples or len(splits.private)
+  held = max(1, round(settings.held_out_fraction * num))
+  pool = synth.sample_dataset(
+    generator,
+    num + held,
+    splits.num_classes,
+    keys.key(f"{label}/sample"),
+    proportions=proportions,
+    seed=seed,
+    name=f"synthetic/{slug(label)}",
+  )
+  synthetic, held_out = pool.subset(np.arange(num)), pool.subset(np.arange(num, num + held))
+  entry: dict[str, Any] = {"num_samples": num, "held_out_samples": held}
+  if run is not None:
+    entry["synthetic_npz"] = run.save_dataset(label, synthetic, released=release)
+  test_set = splits.final_test(label) if test else None
+  entry["downstream"] = train_on_synthetic(
+    f"{label} downstream",
+    synthetic,
+    held_out,
+    settings,
+    validation=splits.validation,
+    test=test_set,
+    keys=keys,
+    init_key=jax.random.key(seed),
+    run=run,
+    release=release,
+    progress=progress,
+  )
+  reference = test_set if test_set is not None else splits.validation
+  if features is not None and reference is not None:
+    entry.update(fid_is(features, reference.images, synthetic.images))
+  return entry, synthetic
+
+
+# -- FID / IS ----------------------------------------------------------------------------
+
+# The feature network's fixed recipe, so that FIDs of different runs compare.
+FEATURE_NETWORK = {"model": "tf_cnn", "activation": "relu", "lr": 0.05, "batch_size": 256}
+
+
+def feature_network(
+  public: data.Dataset,
+  *,
+  epochs: int,
+  cache: Path | None,
+  seed: int = 0,
+  progress: bool = True,
+) -> tuple[nn.Module, PyTree, dict[str, Any]]:
+  """The FID / IS feature classifier, trained without DP on the PUBLIC partition only.
+
+  A fixed recipe (``FEATURE_NETWORK``) on public data: it never reads the private training
+  split, so it, and the scores it gives, release nothing private. Cached in ``cache`` by its
+  recipe and data (None: no cache).
+
+  Returns:
+    ``(model, params, info)``.
+  """
+  f = FEATURE_NETWORK
+  model = classifier_lib.make_classifier(
+    f["model"], num_classes=public.num_classes, act=f["activation"]
+  )
+  tag = (
+    f"feature-net-{public.name.replace('/', '_')}-n{len(public)}-{f['model']}-{f['activation']}"
+    f"-e{epochs}-b{f['batch_size']}-s{seed}"
+  )
+  info = {
+    "model": f["model"],
+    "activation": f["activation"],
+    "epochs": epochs,
+    "trained_on": f"{public.name}: {len(public)} public examples (never private), non-DP",
+  }
+  if cache is not None and (cache / f"{tag}.msgpack").is_file():
+    template = jax.eval_shape(model.init, jax.random.key(0), public.images[:1])["params"]
+    params = serialization.from_bytes(template, (cache / f"{tag}.msgpack").read_bytes())
+    return model, params, {**info, **json.loads((cache / f"{tag}.json").read_text())}
+  t0 = time.perf_counter()
+  training = Training(
+    epochs=epochs, batch_size=min(f["batch_size"], len(public)), lr=f["lr"], momentum=0.9, ema=0.999
+  )
+  trained = train_classifier(
+    "feature network",
+    model,
+    jax.device_put(public.arrays()),
+    training,
+    noise=None,
+    keys=KeySource(insecure_seed=seed),  # public data: nothing to keep secret
+    init_key=jax.random.key(seed),
+    progress=progress,
+  )
+  meta = {"train_time_s": time.perf_counter() - t0, "cached": False}
+  if cache is not None:
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{tag}.msgpack").write_bytes(serialization.to_bytes(trained.params))
+    (cache / f"{tag}.json").write_text(json.dumps({**meta, "cached": True}) + "\n")
+  return model, trained.params, {**info, **meta}
+
+
+def fid_is(
+  features: tuple[nn.Module, PyTree], reference: np.ndarray, images: np.ndarray
+) -> dict[str, float]:
+  """Feature-network FID of ``images`` against ``reference`` and IS of both
+  (:func:`jaxdp.metrics.feature_scores`; not Inception FID / IS)."""
+  scores = feature_scores(*features, reference, images)
+  return {
+    "fid": scores["fid"],
+    "inception_score": scores["inception_score"],
+    "inception_score_real": scores["inception_score_reference"],
+  }
+
+
+def synthetic_table(entries: list[dict[str, Any]], generator: str) -> str:
+  """The summary table of a synthetic-data run: downstream test and validation accuracy,
+  FID, IS, the pipeline's epsilon and the generator's training time, one row per pipeline."""
+  pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"
+  rows = [
+    [
+      e["label"],
+      pct(e["downstream"].get("test_accuracy")),
+      pct(e["downstream"].get("validation_accuracy")),
+      f"{e.get('fid', math.nan):.2f}",
+      f"{e.get('inception_score', math.nan):.2f}",
+      f"{e['epsilon_pld']:.3f}",
+      f"{e['train_time_s']:.0f} s",
+    ]
+    for e in entries
+  ]
+  head = [generator, "downstream test", "validation", "FID", "IS", "eps (PLD)", "train time"]
+  return format_table(head, rows)
