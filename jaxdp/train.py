@@ -202,7 +202,7 @@ def _short(values: Mapping[str, Any]) -> dict[str, str]:
   """Compact progress-bar fields: train_loss -> loss, 4 significant digits."""
   out = {}
   for key, value in values.items():
-    if value is None or key in ("epoch", "step", "time", "epsilon_rdp"):
+    if value is None or np.ndim(value) or key in ("epoch", "step", "time", "epsilon_rdp"):
       continue
     name = key.removeprefix("train_").replace("accuracy", "acc")
     if name in ("grad_norm_mean", "clip_fraction", "nonfinite_fraction"):

@@ -239,3 +239,14 @@ def tiny_vae(decoder: str = "bernoulli", groups: int = 0):
     groups=groups,
     decoder=decoder,
   )
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache per test session: tests that compile the same
+  program (the experiments' steps, the engines on the same tiny model) compile it once."""
+  import tempfile
+
+  cache = os.environ.get("JAXDP_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="jaxdp-jax-cache-")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -231,55 +231,59 @@ def test_inception_score_limits():
 
 def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp_path, capsys):
   args = ["--dataset", "synthetic", "--quick", "--out", str(tmp_path), "--name", "q"]
-  args += ["--epochs", "2", "--classifier-epochs", "1", "--feature-epochs", "1"]
+  args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
+  args += ["--epochs", "2", "--classifier-epochs", "2", "--feature-epochs", "1"]
   args += ["--dp-label-counts", "--label-noise-multiplier", "20", "--accountant", "rdp"]
   args += ["--target-epsilon", "4", "--images-per-class", "3", "--no-progress"]
   metrics = exp.main(args)
   out = tmp_path / "q"
-  (run,) = metrics["runs"]
+  (run,) = metrics["pipelines"]
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png", "plots/elbo.png"):
     assert (out / name).is_file(), name
-  assert list((out / "plots").glob("real_vs_synthetic-*.png"))
   assert (out / run["vae_checkpoint"]).is_file()
   saved = json.loads((out / "metrics.json").read_text())
   assert saved["run_dir"] == str(out)
 
   with np.load(out / run["synthetic_npz"]) as f:
     images, labels = f["images"], f["labels"]
-  assert images.shape == (1000, 28, 28, 1) and images.dtype == np.float32
+  assert images.shape == (800, 28, 28, 1) and images.dtype == np.float32
   assert images.min() >= 0.0 and images.max() <= 1.0
   assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
-  assert (
-    np.bincount(labels, minlength=10).tolist()
-    == synth.class_counts(1000, 10, np.array(run["label_proportions"])).tolist()
-  )
+  # The classes follow the noisy counts (the first 800 of 880 labels, held-out ones after).
+  noisy = np.maximum(np.array(run["noisy_counts"]), 0)
+  expected = synth.class_counts(880, 10, noisy / noisy.sum())
+  assert np.all(np.bincount(labels, minlength=10) <= expected)
 
-  # Every private use is in the ledger, and the reported epsilon is the ledger's total.
-  ledger = accounting.PrivacyLedger.from_dict(saved["runs"][0]["ledger"])
+  # Every private use is in the pipeline's ledger, and its epsilon is the ledger's total.
+  ledger = accounting.PrivacyLedger.from_dict(run["ledger"])
   kinds = {e["name"]: e for e in ledger.entries()}
   assert set(kinds) == {"label_counts", "vae"}
   assert kinds["label_counts"]["noise_multiplier"] == 20.0
-  assert kinds["vae"]["steps"] == run["steps"] == 2 * round(1 / run["sampling_prob"])
-  delta = saved["delta"]
-  assert run["epsilon_rdp"] == run["epsilon"] == ledger.epsilon(delta, "rdp") <= 4.0
+  vae = run["vae"]
+  assert kinds["vae"]["steps"] == vae["steps"] == 2 * round(1 / vae["sampling_prob"])
+  delta = saved["privacy"]["delta"]
+  assert run["epsilon_rdp"] == ledger.epsilon(delta, "rdp") <= 4.0
   assert run["epsilon_rdp"] >= 0.95 * 4.0  # the noise was calibrated for the whole ledger
   assert run["epsilon_pld"] == ledger.epsilon(delta, "pld") <= run["epsilon_rdp"]
   vae_alone = accounting.epsilon(
-    accounting.dpsgd_event(run["sampling_prob"], run["noise_multiplier"], run["steps"]),
+    accounting.dpsgd_event(vae["sampling_prob"], vae["noise_multiplier"], vae["steps"]),
     delta,
     "rdp",
   )
   assert vae_alone < run["epsilon_rdp"]  # the label counts cost something
+  # The folder releases one pipeline: its composed epsilon is the pipeline's.
+  assert saved["privacy"]["epsilon_rdp"] == pytest.approx(run["epsilon_rdp"], rel=1e-9)
 
   assert len(run["vae_history"]) == 2
-  assert {"train_neg_elbo", "test_neg_elbo", "epsilon_rdp"} <= set(run["vae_history"][-1])
-  assert 0.0 <= run["downstream_accuracy"] <= 1.0
-  assert len(run["downstream"]["per_class_accuracy"]) == 10
+  assert {"validation_neg_elbo", "epsilon_rdp"} <= set(run["vae_history"][-1])
+  down = run["downstream"]
+  assert 0.0 <= down["test_accuracy"] <= 1.0 and 0.0 <= down["validation_accuracy"] <= 1.0
+  assert down["selected_epoch"] in (1, 2) and len(down["per_class_test_accuracy"]) == 10
   assert math.isfinite(run["fid"]) and run["fid"] >= -1e-6
   assert 1.0 <= run["inception_score"] <= 10.0
-  assert saved["feature_network"]["cached"] is False
+  assert saved["feature_network"]["trained_on"].endswith("(never private), non-DP")
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[-3].split()[:2] == ["VAE", "downstream"] and lines[-1].startswith("DP eps=4")
+  assert lines[-4].split()[:2] == ["VAE", "downstream"] and lines[-2].startswith("DP eps=4")
 
 
 @pytest.mark.parametrize(
@@ -287,18 +291,20 @@ def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp
   [
     (["--epsilons", "1,-2"], "--epsilons"),
     (["--temperature", "0"], "--temperature"),
-    (["--no-dp", "--target-epsilon", "2"], "not allowed with"),
+    (["--no-dp", "--target-epsilon", "2"], "--no-dp takes no"),
     (["--decoder", "laplace"], "--decoder"),
     (["--decoder-widths", "8,8,8"], "--decoder-widths"),
     (["--batch-size", "5000"], "--batch-size"),
+    (["--public-size", "1500"], "--public-size"),
     (["--delta", "0.01"], "--delta"),
     (["--microbatch-size", "-4"], "--microbatch-size"),
   ],
 )
 def test_bad_flags_exit_with_one_line(exp, tmp_path, capsys, flags, needle):
   with pytest.raises(SystemExit) as info:
-    exp.main(["--dataset", "synthetic", "--quick", "--out", str(tmp_path), *flags])
-  assert info.value.code != 0
+    sizes = ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
+    exp.main(["--dataset", "synthetic", "--quick", *sizes, "--out", str(tmp_path), *flags])
+  assert info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "error:" in err[0] and needle in err[0], err
   assert not any(tmp_path.iterdir())  # nothing written

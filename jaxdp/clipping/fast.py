@@ -32,8 +32,8 @@ row's, and their clip factor of exactly 0 adds exactly 0 to every sum. What a pa
 holds itself (NaN, inf, values that overflow the model) never enters the step.
 
 A real row whose gradient turns out NaN or inf gets clip factor 0; since ``0 * NaN`` is NaN,
-the sums are then taken again (a ``lax.cond`` that runs only on such a batch) with that row
-run as a padding row.
+the dense and conv sums of such a batch are taken row by row with that row skipped (a
+``lax.cond`` whose other branch is the batched sum; it needs one row's arrays at a time).
 
 Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, a Dense with a custom
 ``dot_general``, layers called more than once, e.g. a critic that sees a real and a fake
@@ -601,6 +601,90 @@ def _kernel_from_rows(summed: jax.Array, kernel_shape: tuple[int, ...]) -> jax.A
   return summed.reshape(kernel_shape)
 
 
+def _kernel_leaf(kept: _Kept, rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A (d, p) weight gradient in row order (the patches' order) as the kernel leaf."""
+  rows = rows.reshape(-1, rows.shape[-1])
+  if kept.perm is not None:
+    rows = jnp.take(rows, jnp.asarray(kept.perm), axis=0)
+  return _kernel_from_rows(rows, shape)
+
+
+def _layer_vjp_sum(call: _Call, own: dict[str, jax.Array], a: jax.Array, g: jax.Array) -> dict:
+  """The layer's own parameter gradient at input ``a`` and output gradient ``g``."""
+  _, layer_vjp = jax.vjp(lambda p: call.module.apply({"params": p}, a), own)
+  return layer_vjp(g)[0]
+
+
+def _sums_batched(calls, leaves, rows, bias_rows, inputs, out_grads, factors) -> dict[int, Any]:
+  """The dense and conv layers' clipped sums, batched: leaf index -> float32 sum."""
+  out: dict[int, Any] = {}
+  for k, kept in rows.items():
+    c = calls[k]
+    named = dict(zip(c.names, c.leaf_ids, strict=True))
+    f = factors.astype(kept.g_rows.dtype)
+    if kept.how == "gram":
+      # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
+      g = out_grads[k]
+      own = {n: leaves[i] for n, i in named.items()}
+      summed = _layer_vjp_sum(c, own, inputs[k], g * f.reshape((-1,) + (1,) * (g.ndim - 1)))
+      out.update({i: summed[n] for n, i in named.items()})
+      continue
+    if kept.per_ex is None:
+      # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this
+      # several times faster than the same contraction written over two batch-like axes.
+      a2 = kept.a_rows.reshape(-1, kept.a_rows.shape[2] * kept.a_rows.shape[3])
+      kernel = a2.T @ (kept.g_rows * f[:, None, None]).reshape(-1, kept.g_rows.shape[-1])
+    else:
+      kernel = jnp.einsum("bpd,b->dp", kept.per_ex, f)
+    out[named["kernel"]] = _kernel_leaf(kept, kernel, np.shape(leaves[named["kernel"]]))
+    if "bias" in named:
+      out[named["bias"]] = jnp.einsum("bp,b->p", bias_rows[k], f)
+  return {i: x.astype(accumulation_dtype(leaves[i].dtype)) for i, x in out.items()}
+
+
+def _sums_row_by_row(
+  calls, leaves, rows, bias_rows, inputs, out_grads, factors, ok
+) -> dict[int, Any]:
+  """The same sums as :func:`_sums_batched`, one row at a time, over the rows that are ``ok``
+  (real, with a finite norm); the others' arrays are replaced by 0 before any product (padding
+  rows copy the first real row, which may be the non-finite one). Slow, and only run on a
+  batch with a non-finite real row."""
+  zeros = {
+    j: jnp.zeros(np.shape(leaves[j]), accumulation_dtype(leaves[j].dtype))
+    for k in rows
+    for j in calls[k].leaf_ids
+  }
+
+  def row(x: jax.Array, i: jax.Array) -> jax.Array:
+    return jnp.where(ok[i], jax.lax.dynamic_index_in_dim(x, i, keepdims=False), 0)
+
+  def body(i, acc):
+    acc = dict(acc)
+    f = jnp.where(ok[i], factors[i], 0.0)
+    for k, kept in rows.items():
+      c = calls[k]
+      named = dict(zip(c.names, c.leaf_ids, strict=True))
+      if kept.how == "gram":
+        own = {n: leaves[j] for n, j in named.items()}
+        a, g = row(inputs[k], i)[None], row(out_grads[k], i)[None]
+        summed = _layer_vjp_sum(c, own, a, g * f.astype(g.dtype))
+        for n, j in named.items():
+          acc[j] = acc[j] + summed[n].astype(acc[j].dtype)
+        continue
+      if kept.per_ex is None:
+        a = row(kept.a_rows, i).reshape(kept.a_rows.shape[1], -1)
+        kernel = a.T @ (row(kept.g_rows, i) * f)
+      else:
+        kernel = row(kept.per_ex, i).T * f
+      j = named["kernel"]
+      acc[j] = acc[j] + _kernel_leaf(kept, kernel, np.shape(leaves[j]))
+      if "bias" in named:
+        acc[named["bias"]] = acc[named["bias"]] + row(bias_rows[k], i) * f
+    return acc
+
+  return jax.lax.fori_loop(0, factors.shape[0], body, zeros)
+
+
 def clipped_sum(
   loss_fn: PerExampleLoss,
   params: PyTree,
@@ -643,21 +727,6 @@ def clipped_sum(
   if plan is None:
     first = lambda x: x[0]
     plan = discover(loss_fn, params, jax.tree_util.tree_map(first, batch), rngs[0], has_aux)
-  args = (loss_fn, plan, params, batch, rngs, l2_norm_clip, has_aux)
-  norms, factors, out, losses, aux = _one_pass(*args, mask)
-  # A real row whose gradient holds a NaN or an inf has clip factor 0, but a product with 0
-  # is still NaN: the sums are taken again with such rows run as padding rows (copies of a
-  # finite row). Only the branch taken runs; the first pass's per-layer arrays are dead by
-  # then, so the retake costs compile time, not memory or time on finite batches.
-  bad = nonfinite_rows(norms, mask)
-  retake = lambda: _one_pass(*args, mask & ~bad)[2]
-  out = jax.lax.cond(jnp.any(bad), retake, lambda: out)
-  treedef = jax.tree_util.tree_structure(params)
-  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
-
-
-def _one_pass(loss_fn, plan, params, batch, rngs, l2_norm_clip, has_aux, mask):
-  """Norms, clip factors, the clipped sum's leaves, losses and aux of one batched pass."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   b = mask.shape[0]
   calls = plan.calls
@@ -724,7 +793,8 @@ def _one_pass(loss_fn, plan, params, batch, rngs, l2_norm_clip, has_aux, mask):
     norms, factors, out = _clip_and_sum(
       plan, leaves, inputs, out_grads, rest_grads, mask, l2_norm_clip
     )
-  return norms, factors, out, jnp.where(mask, losses, 0.0), aux
+  losses = jnp.where(mask, losses, 0.0)
+  return ClippedSum(jax.tree_util.tree_unflatten(treedef, out), norms, factors, losses, aux)
 
 
 def _clip_and_sum(
@@ -783,33 +853,18 @@ def _clip_and_sum(
   norms = jnp.sqrt(jnp.where(mask, sq_norms, 0.0))
   factors = clip_factors(norms, l2_norm_clip, mask)
 
+  # The dense and conv sums multiply each row by its factor, and 0 * NaN is NaN: when a real
+  # row's gradient holds a NaN or an inf (factor 0), they are taken row by row with that row
+  # skipped instead. Only the branch taken runs, and the row-by-row one needs one row's
+  # arrays at a time: on finite batches it costs a test of B norms, no time or memory.
+  sums = (calls, leaves, rows, bias_rows, inputs, out_grads, factors)
+  bad = nonfinite_rows(norms, mask)
+  layer_out = jax.lax.cond(
+    jnp.any(bad), lambda: _sums_row_by_row(*sums, mask & ~bad), lambda: _sums_batched(*sums)
+  )
   out: list[jax.Array | None] = [None] * len(leaves)
-  for k, kept in rows.items():
-    c = calls[k]
-    named = dict(zip(c.names, c.leaf_ids, strict=True))
-    f = factors.astype(kept.g_rows.dtype)
-    if kept.how == "gram":
-      # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
-      g = out_grads[k]
-      own = {n: leaves[i] for n, i in named.items()}
-      _, layer_vjp = jax.vjp(lambda p, c=c, a=inputs[k]: c.module.apply({"params": p}, a), own)
-      summed = layer_vjp(g * f.reshape((-1,) + (1,) * (g.ndim - 1)))[0]
-      for n, i in named.items():
-        out[i] = summed[n]
-      continue
-    if kept.per_ex is None:
-      # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this
-      # several times faster than the same contraction written over two batch-like axes.
-      a2 = kept.a_rows.reshape(-1, kept.a_rows.shape[2] * kept.a_rows.shape[3])
-      kernel = a2.T @ (kept.g_rows * f[:, None, None]).reshape(-1, kept.g_rows.shape[-1])
-    else:
-      kernel = jnp.einsum("bpd,b->dp", kept.per_ex, f)
-    kernel = kernel.reshape(-1, kernel.shape[-1])
-    if kept.perm is not None:
-      kernel = jnp.take(kernel, jnp.asarray(kept.perm), axis=0)
-    out[named["kernel"]] = _kernel_from_rows(kernel, np.shape(leaves[named["kernel"]]))
-    if "bias" in named:
-      out[named["bias"]] = jnp.einsum("bp,b->p", bias_rows[k], f)
+  for i, x in layer_out.items():
+    out[i] = x
   for leaf_ids, per_ex in vjp_grads.items():
     summed = tree_masked_weighted_sum(per_ex, factors)
     for n, i in zip(sorted(per_ex), leaf_ids, strict=True):

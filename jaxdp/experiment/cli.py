@@ -154,6 +154,8 @@ def _add(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any, presets
   helptext = f"{text} ({'; '.join(extra)})" if text else f"({'; '.join(extra)})"
   kwargs: dict[str, Any] = {"dest": f.name, "default": _UNSET, "help": helptext}
   if tp is bool:
+    if f.name.startswith("no_"):  # argparse reads --no-x as x=False
+      raise TypeError(f"config field {f.name}: name a bool positively (--x / --no-x)")
     parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
     return
   if meta.get("choices"):

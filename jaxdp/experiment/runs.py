@@ -111,7 +111,7 @@ class MetricStream:
       for key, value in scalars.items():
         scalar = isinstance(value, (int, float, np.generic)) and key not in ("step", "epoch")
         if scalar and math.isfinite(float(value)):
-          writer.add_scalar(f"{model}/{key}", float(value), int(step))
+          writer.add_scalar(f"{slug(model)}/{key}", float(value), int(step))
 
   def histogram(self, model: str, name: str, step: int, values: np.ndarray) -> None:
     """A TensorBoard histogram (nothing without TensorBoard)."""
@@ -119,7 +119,7 @@ class MetricStream:
     values = values[np.isfinite(values)]
     writer = self._tb()
     if writer is not None and values.size:
-      writer.add_histogram(f"{model}/{name}", values, int(step))
+      writer.add_histogram(f"{slug(model)}/{name}", values, int(step))
 
   def close(self) -> None:
     """Flushes and closes the TensorBoard writer."""
@@ -147,6 +147,8 @@ class RunFolder:
     self.ledger = accounting.PrivacyLedger()
     self.released = MetricStream(self.path, "metrics.jsonl", tensorboard)
     self.diagnostics = MetricStream(self.path / NONDP, "diagnostics.jsonl", tensorboard)
+    (self.path / NONDP).mkdir(parents=True, exist_ok=True)
+    (self.path / NONDP / "README.txt").write_text(NONDP_NOTE)
     self._t0 = time.perf_counter()
 
   @classmethod
@@ -177,11 +179,7 @@ class RunFolder:
 
   def file(self, relative: str, *, released: bool = True) -> Path:
     """The path of a file of the folder: at the top if released, else under ``nondp/``."""
-    base = self.path if released else self.path / NONDP
-    if not released and not (base / "README.txt").exists():
-      base.mkdir(parents=True, exist_ok=True)
-      (base / "README.txt").write_text(NONDP_NOTE)
-    path = base / relative
+    path = (self.path if released else self.path / NONDP) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

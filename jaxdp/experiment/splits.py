@@ -110,6 +110,11 @@ def load_splits(
   _validate.non_negative_int("--validation-size", validation_size)
   _validate.non_negative_int("--public-size", public_size)
   n = len(train)
+  if validation_size + public_size >= n:
+    raise ValueError(
+      f"--validation-size + --public-size must leave a private training set: "
+      f"{validation_size} + {public_size} of the {n} training examples"
+    )
   rest = n - validation_size - public_size
   if train_size is not None:
     _validate.positive_int("--train-size", train_size)
@@ -118,11 +123,6 @@ def load_splits(
         f"--train-size must be <= {rest} (the {n} training examples less --validation-size "
         f"and --public-size), got {train_size}"
       )
-  elif rest < 1:
-    raise ValueError(
-      f"--validation-size + --public-size must leave a private training set: they sum to "
-      f"{validation_size + public_size} of {n} training examples"
-    )
   perm = np.random.default_rng([seed, _SPLIT_DOMAIN]).permutation(n)
   cuts = np.cumsum([public_size, validation_size, train_size or rest])
   parts = np.split(perm, cuts)[:3]
