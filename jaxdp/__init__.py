@@ -15,6 +15,7 @@ from jaxdp import (
   clipping,
   data,
   keys,
+  metrics,
   noise,
   sampling,
 )
@@ -28,6 +29,7 @@ from jaxdp.accounting import (
 from jaxdp.clipping import ClippedSum
 from jaxdp.data import Dataset, load_dataset, synthetic_dataset, synthetic_splits
 from jaxdp.keys import KeySource, secure_key
+from jaxdp.metrics import evaluate_classifier
 from jaxdp.noise import add_gaussian_noise, privatize
 from jaxdp.sampling import PhysicalBatch, PoissonSampler, ShuffledSampler
 from jaxdp.step import DPConfig, Step, TrainState, init_state, make_step
@@ -53,8 +55,10 @@ __all__ = [
   "data",
   "dpsgd_event",
   "epsilon",
+  "evaluate_classifier",
   "init_state",
   "keys",
+  "metrics",
   "load_dataset",
   "make_step",
   "noise",

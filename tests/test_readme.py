@@ -1,0 +1,27 @@
+"""The README's example runs as written (on a tiny synthetic set instead of MNIST)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jaxdp
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+  """The python block under the README's "Train your own Flax model privately"."""
+  text = README.read_text()
+  section = text[text.index("## Train your own Flax model privately") :]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_trains_privately(monkeypatch, capsys):
+  code = readme_example()
+  assert len(code.splitlines()) <= 30
+  monkeypatch.setattr(jaxdp, "load_dataset", lambda name: jaxdp.synthetic_splits(2000, 300))
+  exec(compile(code, str(README), "exec"), {})
+  out = dict(line.split(" ", 1) for line in capsys.readouterr().out.strip().splitlines()[-2:])
+  assert 2.9 <= float(out["epsilon"]) <= 3.0
+  assert float(out["test accuracy"].split()[-1]) > 0.5
