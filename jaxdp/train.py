@@ -84,6 +84,7 @@ def train(
   steps_per_epoch: int | None = None,
   tracker: EpsilonTracker | None = None,
   on_epoch: EpochCallback | None = None,
+  on_entry: Callable[[dict[str, Any]], None] | None = None,
   aux_name: str = "accuracy",
   desc: str = "train",
   progress: bool = True,
@@ -104,7 +105,9 @@ def train(
       epoch (``epsilon_rdp``); its sampling probability and noise multiplier must be the
       step's. RDP is an upper bound a little above the PLD epsilon a run should report.
     on_epoch: called as ``on_epoch(epoch, state)`` after each epoch (1-based); the floats it
-      returns (e.g. ``{"test_accuracy": ...}``) go into that epoch's history entry.
+      returns (e.g. ``{"validation_accuracy": ...}``) go into that epoch's history entry.
+    on_entry: called with each epoch's finished history entry, as soon as it is complete
+      (e.g. to write it to a log while training goes on).
     aux_name: name of a per-example aux array (``has_aux`` steps): its masked mean is
       reported as ``train_<aux_name>``; a dict aux gives ``train_<key>`` for each key.
     desc: progress-bar label.
@@ -195,6 +198,8 @@ def train(
     entry["time"] = time.perf_counter() - t0
     bar.close()
     history.append(entry)
+    if on_entry is not None:
+      on_entry(entry)
   return state, history
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +21,10 @@ def loop_clipped_sum(loss_fn, params, batch, mask, rngs, clip):
   """The definition, one example at a time in plain Python."""
   total = jax.tree_util.tree_map(jnp.zeros_like, params)
   norms = []
+  grad = jax.jit(jax.grad(loss_fn))  # one example's gradient, compiled once
   for i in range(len(mask)):
     ex = jax.tree_util.tree_map(lambda x, i=i: x[i], batch)
-    g = jax.grad(loss_fn)(params, ex, rngs[i])
+    g = grad(params, ex, rngs[i])
     norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g))))
     norms.append(norm if mask[i] else 0.0)
     if mask[i]:
@@ -55,85 +58,185 @@ def test_reference_equals_python_loop(name):
   mask = np.array([True] * 10 + [False] * 2)
   rngs = jax.random.split(jax.random.key(1), 12)
   want, want_norms = loop_clipped_sum(loss_fn, params, batch, mask, rngs, CLIP)
-  got = reference.clipped_sum(loss_fn, params, batch, jnp.asarray(mask), rngs, CLIP)
+  ref = lambda p: reference.clipped_sum(loss_fn, p, batch, jnp.asarray(mask), rngs, CLIP)
+  got = jax.jit(ref)(params)
   # Some examples are above the bound and some below: the test exercises both branches.
   assert (want_norms[mask] > CLIP).any() and (want_norms[mask] < CLIP).any()
   np.testing.assert_allclose(np.asarray(got.per_example_norms), want_norms, rtol=1e-5, atol=1e-6)
   assert_trees_close(got.sum_of_clipped_grads, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
-@pytest.mark.parametrize(
-  "name",
-  ["cnn", "mlp", "groupnorm", "tied", "smallmaps", "strided", "s2d", "customconv", "pairs"],
-)
-def test_fast_equals_reference(name, how, monkeypatch):
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = make_problem(name)
-  mask = jnp.array([True] * 9 + [False] * 3)
+# -- every engine guarantee on every model and norm rule, in one compiled program each ------
+#
+# One batch of 12 rows in many scenarios, stacked and run through ``vmap`` of the engine, so
+# each (model, rule) compiles once: the clean batch (9 real rows, 3 padding), padding rows
+# holding NaN, inf or values that overflow, a real row (the first, which padding rows copy,
+# or another) whose gradient is NaN or inf, an all-padding batch, and each row alone.
+# Under ``vmap`` the fast engine's ``lax.cond`` runs both branches and selects per scenario.
+
+REAL = np.array([True] * 9 + [False] * 3)
+POISONS = (np.nan, np.inf, -np.inf, 1e30)
+
+
+def scenarios(batch: dict) -> tuple[dict, dict, np.ndarray]:
+  """(index of each scenario, the stacked batches, the stacked masks)."""
+  images, names, masks, stack = np.asarray(batch["image"]), [], [], []
+
+  def add(name, image, mask):
+    names.append(name)
+    stack.append(image)
+    masks.append(mask)
+
+  add("clean", images, REAL)
+  for p in POISONS:  # padding rows: one pixel of row 9, the whole of row 11, edges of row 10
+    img = images.copy()
+    img[9, 3, 4], img[11], img[10, -1], img[10, :, -1] = p, p, p, p
+    add(f"pad {p}", img, REAL)
+  for r in (0, 2):
+    add(f"drop {r}", images, REAL & (np.arange(12) != r))
+    for p in (np.nan, np.inf):
+      img = images.copy()
+      img[r, 0, 1] = p  # a pixel every model reads
+      add(f"real {r} {p}", img, REAL)
+  for p in (np.nan, np.inf):
+    img = images.copy()
+    img[:, 2, 3] = p
+    add(f"empty {p}", img, np.zeros(12, bool))
+  for i in range(12):
+    add(f"one {i}", images, np.arange(12) == i)
+  index = {name: k for k, name in enumerate(names)}
+  stacked = {"image": np.stack(stack), "label": np.broadcast_to(batch["label"], (len(stack), 12))}
+  return index, stacked, np.stack(masks)
+
+
+def run_scenarios(engine, loss_fn, params, batch, clip=CLIP, has_aux=False):
+  index, stacked, masks = scenarios(batch)
   rngs = jax.random.split(jax.random.key(1), 12)
-  ref = jax.jit(lambda p: reference.clipped_sum(loss_fn, p, batch, mask, rngs, CLIP))(params)
-  got = jax.jit(lambda p: fast.clipped_sum(loss_fn, p, batch, mask, rngs, CLIP))(params)
-  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got.clip_factors, ref.clip_factors, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-5, atol=1e-6)
-  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
+  one = lambda b, m: engine.clipped_sum(loss_fn, params, b, m, rngs, clip, has_aux=has_aux)
+  out = jax.jit(jax.vmap(one))(stacked, masks)
+  return index, jax.tree_util.tree_map(np.asarray, out)
 
 
-def _tiny_vae_problem(decoder: str, poison: float | None = None):
-  """The tiny VAE (GroupNorm in its encoder; its decoder conv on jaxdp.conv's matmul route)
-  with its per-example keyed loss; 9 real rows, 3 padding rows (``poison`` there if given)."""
+@functools.cache
+def reference_scenarios(name: str):
+  """The reference engine on a model's scenarios (shared by its rules' tests)."""
+  loss_fn, params, batch = make_problem(name)
+  return run_scenarios(reference, loss_fn, params, batch)
+
+
+def pick(out, k):
+  return jax.tree_util.tree_map(lambda x: x[k], out)
+
+
+def check_scenarios(got, index, ref=None, clip=CLIP, unit=1.0):
+  """Every guarantee, scenario by scenario; ``ref``: the reference engine's results. Sums
+  are compared to 1e-5 (engines) and 1e-6 (padding, non-finite rows) in units of ``unit``."""
+  atol = 1e-5 * unit
+  leaves = lambda out, k: jax.tree_util.tree_leaves(pick(out, k).sum_of_clipped_grads)
+  clean = pick(got, index["clean"])
+  for k in range(len(index)):
+    for x in leaves(got, k):
+      assert np.all(np.isfinite(x)), list(index)[k]
+  if ref is not None:  # equal to the definition wherever no row is poisoned
+    for name in ["clean", "drop 0", "drop 2"] + [f"one {i}" for i in range(12)]:
+      g, r = pick(got, index[name]), pick(ref, index[name])
+      np.testing.assert_allclose(g.per_example_norms, r.per_example_norms, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(g.clip_factors, r.clip_factors, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(g.losses, r.losses, rtol=1e-5, atol=1e-6)
+      assert_trees_close(g.sum_of_clipped_grads, r.sum_of_clipped_grads, atol=atol)
+  for p in POISONS:  # padding adds exactly nothing, whatever it holds
+    g = pick(got, index[f"pad {p}"])
+    assert_trees_close(g.sum_of_clipped_grads, clean.sum_of_clipped_grads, atol=1e-6 * unit)
+    np.testing.assert_allclose(g.per_example_norms[:9], clean.per_example_norms[:9], rtol=1e-5)
+    assert np.all(g.per_example_norms[9:] == 0) and np.all(g.clip_factors[9:] == 0)
+    assert np.all(g.losses[9:] == 0)
+  for r in (0, 2):  # a real row with a NaN or inf gradient: factor 0, adds nothing
+    want = pick(got, index[f"drop {r}"])
+    others = np.arange(9) != r
+    for p in (np.nan, np.inf):
+      g = pick(got, index[f"real {r} {p}"])
+      assert g.clip_factors[r] == 0 and not np.isfinite(g.per_example_norms[r])
+      assert_trees_close(g.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6 * unit)
+      np.testing.assert_allclose(
+        g.per_example_norms[:9][others], want.per_example_norms[:9][others], rtol=1e-5
+      )
+  for p in (np.nan, np.inf):  # no real row at all: exactly zero everywhere
+    g = pick(got, index[f"empty {p}"])
+    assert all(np.all(x == 0) for x in leaves(got, index[f"empty {p}"]))
+    assert np.all(g.per_example_norms == 0) and np.all(g.clip_factors == 0)
+  for i in range(12):  # each row's share of the sum has norm <= C (padding rows none)
+    g = pick(got, index[f"one {i}"])
+    norm = np.sqrt(
+      sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves(got, index[f"one {i}"]))
+    )
+    assert norm <= clip * (1 + 1e-5), (i, norm / clip)
+    assert g.clip_factors[i] == min(1.0, clip / g.per_example_norms[i]) or np.isclose(
+      g.clip_factors[i], clip / g.per_example_norms[i], rtol=1e-6
+    )
+
+
+ENGINE_CASES = [
+  (m, h)
+  for m in (
+    "cnn",
+    "mlp",
+    "groupnorm",
+    "tied",
+    "smallmaps",
+    "strided",
+    "s2d",
+    "customconv",
+    "pairs",
+    "unread",
+    "customdot",
+  )
+  for h in ("auto", "ghost")
+]
+ENGINE_CASES += [(m, "gram") for m in ("cnn", "smallmaps", "strided", "s2d", "pairs", "unread")]
+
+
+@pytest.mark.parametrize("name, how", ENGINE_CASES)
+def test_engines_on_every_scenario(name, how, monkeypatch):
+  """The fast engine equals the reference engine, padding and non-finite rows add exactly
+  nothing, an empty batch adds zero, and every row's share is bounded by C, on each model
+  and norm rule (the reference engine's own scenarios are checked once per model)."""
+  loss_fn, params, batch = make_problem(name)
+  index, ref = reference_scenarios(name)
+  if how == "auto":
+    check_scenarios(ref, index)
+  force_norm(monkeypatch, how)
+  _, got = run_scenarios(fast, loss_fn, params, batch)
+  check_scenarios(got, index, ref)
+
+
+VAE_CASES = [("bernoulli", h) for h in ("auto", "ghost", "gram")] + [
+  pytest.param("gaussian", h, marks=pytest.mark.slow) if h != "auto" else ("gaussian", h)
+  for h in ("auto", "ghost", "gram")
+]
+
+
+@pytest.mark.parametrize("decoder, how", VAE_CASES)
+def test_engines_on_the_vae(decoder, how, monkeypatch):
+  """The tiny VAE (GroupNorm in its encoder, its decoder conv on jaxdp.conv's matmul route,
+  a per-example key for the reparameterisation): every scenario, in units of the bound."""
   model = tiny_vae(decoder, groups=2)
   k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
   images = jax.random.uniform(k1, (12, 12, 12, 1))
-  if poison is not None:
-    images = images.at[9:].set(poison)
   labels = jax.random.randint(k2, (12,), 0, 5)
   params = model.init(k3, images[:1], labels[:1], k3)["params"]
-  batch = {"image": images, "label": labels}
-  return vae_loss(model), params, batch
-
-
-@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
-@pytest.mark.parametrize("decoder", ["bernoulli", "gaussian"])
-def test_fast_equals_reference_on_the_vae(decoder, how, monkeypatch):
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = _tiny_vae_problem(decoder)
-  plan = fast.discover(
-    loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch), jax.random.key(0), True
-  ).summary()
+  batch, loss_fn = {"image": images, "label": labels}, vae_loss(model)
+  plan = fast.discover(loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch), k1, True)
   # Both convs and all 5 Dense layers by rule, the GroupNorm by its vjp.
-  assert (plan["conv"], plan["dense"], plan["vjp"]) == (2, 5, 1), plan
-  mask = jnp.array([True] * 9 + [False] * 3)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  run = lambda engine, clip: jax.jit(
-    lambda p: engine.clipped_sum(loss_fn, p, batch, mask, rngs, clip, has_aux=True)
-  )(params)
+  assert (plan.summary()["conv"], plan.summary()["dense"], plan.summary()["vjp"]) == (2, 5, 1)
   # A bound between the smallest and the largest norm: some rows clipped, some not.
-  clip = float(np.median(np.asarray(run(reference, 1.0).per_example_norms)[:9]))
-  ref, got = run(reference, clip), run(fast, clip)
-  assert 0 < float(jnp.sum(ref.clip_factors[:9] < 1)) < 9
-  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got.clip_factors, ref.clip_factors, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-5, atol=1e-6)
+  rngs = jax.random.split(jax.random.key(1), 12)
+  norms = reference.clipped_sum(loss_fn, params, batch, jnp.asarray(REAL), rngs, 1.0, has_aux=True)
+  clip = float(np.median(np.asarray(norms.per_example_norms)[:9]))
+  index, ref = run_scenarios(reference, loss_fn, params, batch, clip, has_aux=True)
+  force_norm(monkeypatch, how)
+  _, got = run_scenarios(fast, loss_fn, params, batch, clip, has_aux=True)
   # In units of the bound (each clipped gradient has norm <= clip; the VAE's norms are ~100).
-  in_clips = lambda tree: jax.tree_util.tree_map(lambda x: x / clip, tree)
-  assert_trees_close(in_clips(got.sum_of_clipped_grads), in_clips(ref.sum_of_clipped_grads), 1e-5)
-  # Padding rows add exactly zero, even when their images are NaN (up to the rounding of the
-  # engine's re-taken sums): the same sums as with zero images there, and no NaN anywhere.
-  loss_fn, _, poisoned = _tiny_vae_problem(decoder, poison=np.nan)
-  clean = jax.tree_util.tree_map(lambda x: x.at[9:].set(0), poisoned)
-  for engine in (reference, fast):
-    out = [
-      jax.jit(lambda p, b, e=engine: e.clipped_sum(loss_fn, p, b, mask, rngs, clip, has_aux=True))(
-        params, b
-      )
-      for b in (poisoned, clean)
-    ]
-    assert_trees_close(
-      in_clips(out[0].sum_of_clipped_grads), in_clips(out[1].sum_of_clipped_grads), 1e-6
-    )
-    assert np.all(np.asarray(out[0].clip_factors[9:]) == 0)
+  check_scenarios(got, index, ref, clip=clip, unit=clip)
 
 
 def _plan_summary(name):
@@ -183,92 +286,6 @@ def test_fast_engine_sees_weights_used_outside_layer_calls():
 
 
 @pytest.mark.parametrize("engine", [reference, fast])
-def test_padding_contributes_exactly_zero_even_when_nan(engine):
-  loss_fn, params, batch = make_problem("cnn")
-  mask = jnp.array([True] * 8 + [False] * 4)
-  # Padding rows whose loss and gradient are NaN.
-  weight = jnp.where(mask, 1.0, -1.0)
-  batch = {**batch, "w": weight}
-  nan_loss = lambda p, ex, r: jnp.sqrt(ex["w"]) * loss_fn(p, ex, r)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  got = jax.jit(lambda p: engine.clipped_sum(nan_loss, p, batch, mask, rngs, CLIP))(params)
-  real = jax.tree_util.tree_map(lambda x: x[:8], batch)
-  want = engine.clipped_sum(nan_loss, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
-  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
-  assert np.all(np.asarray(got.per_example_norms[8:]) == 0)
-  assert np.all(np.asarray(got.clip_factors[8:]) == 0)
-  assert np.all(np.isfinite(np.asarray(got.losses)))
-
-
-@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf, 1e30])
-@pytest.mark.parametrize(
-  "name, how",
-  [(m, h) for m in ("cnn", "mlp", "groupnorm", "smallmaps", "s2d") for h in ("auto", "ghost")]
-  + [(m, "gram") for m in ("cnn", "smallmaps", "s2d", "pairs")],
-)
-def test_fast_padding_rows_with_non_finite_inputs_add_exactly_zero(name, how, poison, monkeypatch):
-  """The fast engine masks no per-position array: padding rows run as copies of a real row,
-  so what they hold never enters, under every rule. 1e30 overflows to inf inside the model."""
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = make_problem(name)
-  mask = jnp.array([True] * 8 + [False] * 4)
-  images = batch["image"].at[9, 3, 4, 0].set(poison).at[11].set(poison)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  got = jax.jit(lambda p, x: fast.clipped_sum(loss_fn, p, x, mask, rngs, CLIP))(
-    params, {**batch, "image": images}
-  )
-  real = jax.tree_util.tree_map(lambda x: x[:8], batch)
-  want = fast.clipped_sum(loss_fn, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
-  for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads):
-    assert np.all(np.isfinite(np.asarray(x)))
-  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
-  np.testing.assert_allclose(got.per_example_norms[:8], want.per_example_norms, rtol=1e-5)
-  assert np.all(np.asarray(got.per_example_norms[8:]) == 0)
-
-
-@pytest.mark.parametrize("poison", [np.nan, np.inf])
-@pytest.mark.parametrize("how", ["auto", "ghost", "gram"])
-def test_fast_padding_rows_non_finite_where_no_window_reads(how, poison, monkeypatch):
-  """A padding row's non-finite input in a position no conv window reads leaves its loss
-  and norm finite, yet the clipped sum must stay exact."""
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = make_problem("unread")
-  mask = jnp.array([True] * 8 + [False] * 4)
-  images = batch["image"].at[9, 11, :, 0].set(poison).at[10, :, 11, 0].set(poison)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  got = jax.jit(lambda p, x: fast.clipped_sum(loss_fn, p, x, mask, rngs, CLIP))(
-    params, {**batch, "image": images}
-  )
-  real = jax.tree_util.tree_map(lambda x: x[:8], batch)
-  want = fast.clipped_sum(loss_fn, params, real, jnp.ones(8, bool), rngs[:8], CLIP)
-  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
-  np.testing.assert_allclose(got.per_example_norms[:8], want.per_example_norms, rtol=1e-5)
-
-
-@pytest.mark.parametrize("poison", [np.nan, np.inf])
-@pytest.mark.parametrize(
-  "engine, name, how",
-  [(reference, "cnn", "auto")]
-  + [(fast, m, h) for m in ("cnn", "mlp", "groupnorm", "s2d") for h in ("auto", "ghost")]
-  + [(fast, "cnn", "gram")],
-)
-def test_all_padding_batch_adds_exactly_zero(engine, name, how, poison, monkeypatch):
-  """A physical batch with no real row (an empty Poisson batch, a last microbatch) adds
-  exactly 0, even when every row is non-finite: the fast engine has no real row to copy."""
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = make_problem(name)
-  images = batch["image"].at[:, 2, 3, 0].set(poison)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  got = jax.jit(lambda p, x: engine.clipped_sum(loss_fn, p, x, jnp.zeros(12, bool), rngs, CLIP))(
-    params, {**batch, "image": images}
-  )
-  for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads):
-    assert np.all(np.asarray(x) == 0)
-  for x in (got.per_example_norms, got.clip_factors, got.losses):
-    assert np.all(np.asarray(x) == 0)
-
-
-@pytest.mark.parametrize("engine", [reference, fast])
 def test_engine_contractions_run_in_full_float32(engine):
   """Under a reduced default matmul precision (TF32 on a GPU, bfloat16 on a TPU) the clip
   factors and the clipped sum still come from float32 contractions: a norm computed in lower
@@ -291,17 +308,6 @@ def test_engine_contractions_run_in_full_float32(engine):
   assert count >= len(jax.tree_util.tree_leaves(params))
 
 
-@pytest.mark.parametrize("engine", [reference, fast])
-def test_each_contribution_is_bounded(engine):
-  loss_fn, params, batch = make_problem("cnn")
-  rngs = jax.random.split(jax.random.key(1), 12)
-  for i in range(12):
-    one = jnp.zeros(12, bool).at[i].set(True)
-    got = engine.clipped_sum(loss_fn, params, batch, one, rngs, CLIP)
-    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads)))
-    assert float(norm) <= CLIP * (1 + 1e-5)
-
-
 def test_per_layer_clipping_bounds_each_group():
   loss_fn, params, batch = make_problem("mlp")
   bounds = {"Dense_0": 0.3, "Dense_1": 0.1}
@@ -314,43 +320,6 @@ def test_per_layer_clipping_bounds_each_group():
       norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(g)))
       assert float(norm) <= c * (1 + 1e-5)
       assert float(norm) >= 0.5 * c  # these gradients are large: each group is clipped
-
-
-# -- a real example whose gradient is NaN or inf --------------------------------------------
-
-
-@pytest.mark.parametrize("row", [0, 2])  # row 0 is also the row padding rows copy
-@pytest.mark.parametrize("poison", [np.nan, np.inf])
-@pytest.mark.parametrize(
-  "engine, name, how",
-  [(reference, "cnn", "auto")]
-  + [(fast, "cnn", h) for h in ("auto", "ghost", "gram")]
-  + [(fast, m, "auto") for m in ("mlp", "groupnorm", "s2d")],
-)
-def test_real_example_with_non_finite_gradient_contributes_nothing(
-  engine, name, how, poison, row, monkeypatch
-):
-  """Clip factor 0 (no bound holds for it) and a clipped sum equal to the sum without it:
-  one NaN pixel makes the loss NaN; one inf pixel keeps the loss finite (tanh saturates)
-  but makes the gradient non-finite, on every rule of the fast engine."""
-  force_norm(monkeypatch, how)
-  loss_fn, params, batch = make_problem(name)
-  mask = jnp.array([True] * 9 + [False] * 3)
-  rngs = jax.random.split(jax.random.key(1), 12)
-  bad = {**batch, "image": batch["image"].at[row, 5, 6, 0].set(poison)}
-  got = jax.jit(lambda p, b: engine.clipped_sum(loss_fn, p, b, mask, rngs, CLIP))(params, bad)
-  want = engine.clipped_sum(loss_fn, params, batch, mask.at[row].set(False), rngs, CLIP)
-  for x in jax.tree_util.tree_leaves(got.sum_of_clipped_grads):
-    assert np.all(np.isfinite(np.asarray(x)))
-  assert_trees_close(got.sum_of_clipped_grads, want.sum_of_clipped_grads, atol=1e-6)
-  assert float(got.clip_factors[row]) == 0.0
-  assert not np.isfinite(float(got.per_example_norms[row]))
-  others = np.arange(9) != row
-  np.testing.assert_allclose(
-    got.per_example_norms[:9][others], want.per_example_norms[:9][others], rtol=1e-5
-  )
-  if name == "cnn" and poison == np.inf:
-    assert np.isfinite(float(got.losses[row]))  # the inf-gradient path, not a NaN loss
 
 
 # -- low-precision layers, custom layers, lifted transforms ----------------------------------

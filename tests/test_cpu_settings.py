@@ -18,6 +18,8 @@ PROBE = """
 import json, os, resource
 import jaxdp, jax, jax.numpy as jnp
 from jaxdp._cpu_flags import MALLOC_APPLIED
+
+pytestmark = pytest.mark.slow  # process settings, checked in subprocesses (not a privacy property)
 f = jax.jit(lambda a, b: (a @ b) @ b[0])
 a, b = jnp.ones((4096, 4)), jnp.ones((4, 4096))
 f(a, b).block_until_ready()

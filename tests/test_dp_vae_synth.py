@@ -51,6 +51,7 @@ def exp():
 # -- the model ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["bernoulli", "gaussian"])
 def test_per_example_elbo_vmapped_equals_one_at_a_time(decoder):
   model, batch = tiny_vae(decoder), tiny_batch()
@@ -83,6 +84,7 @@ def test_per_example_elbo_vmapped_equals_one_at_a_time(decoder):
   assert float(other) != float(vmapped[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["bernoulli", "gaussian"])
 def test_loss_equals_the_elbo_of_the_decoded_image_in_raster_order(decoder):
   # The loss pairs the decoder output with the image in the decoder's sub-pixel order; the
@@ -109,6 +111,7 @@ def test_loss_equals_the_elbo_of_the_decoded_image_in_raster_order(decoder):
     np.testing.assert_allclose(aux["neg_elbo"], nll + kl, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_and_elbo_evaluation():
   model, batch = tiny_vae("gaussian"), tiny_batch(n=7)
   params = init_params(model, batch)

@@ -10,6 +10,8 @@ import pytest
 
 from jaxdp.models.classifier import max_pool
 
+pytestmark = pytest.mark.slow  # the models' numerics (not a privacy property)
+
 
 def _flax_pool(x, window, stride):
   pool = lambda y: nn.max_pool(y, (window, window), (stride, stride))

@@ -9,6 +9,8 @@ import pytest
 
 from jaxdp.models.scatternet import ScatterCNN, scattering, scattering_filters
 
+pytestmark = pytest.mark.slow  # the ScatterNet features' numerics (not a privacy property)
+
 
 def test_shape_and_channel_count():
   x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))

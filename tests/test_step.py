@@ -101,6 +101,7 @@ def test_compiles_once_per_batch_shape():
   assert step.trace_count == 1  # ... and the step compiled once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", [optax.sgd(0.05), optax.sgd(0.05, momentum=0.9), optax.adam(1e-3)])
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 def test_any_optimizer_and_several_parameter_groups(opt, engine):
@@ -163,6 +164,7 @@ def test_accumulated_physical_batches_equal_one_batch():
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_keeps_per_example_aux_of_every_physical_batch():
   base_loss, params, batch = make_problem("cnn")
 
@@ -257,6 +259,7 @@ def test_microbatches_equal_one_batch(engine):
       np.testing.assert_allclose(metrics["aux"][k][mask], one["aux"][k][mask], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_microbatches_bound_the_working_memory():
   """Sequential microbatches: XLA plans the memory of one, not of all of them at once."""
   loss_fn, params, batch = make_problem("cnn", batch_size=256)

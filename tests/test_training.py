@@ -11,6 +11,8 @@ import pytest
 from jaxdp import DPConfig, PoissonSampler, init_state, make_step, synthetic_splits
 from jaxdp.models import TFPrivacyCNN, classifier_loss
 
+pytestmark = pytest.mark.slow  # learning behaviour (not a privacy property)
+
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 def test_private_cnn_learns_on_synthetic_data(engine):

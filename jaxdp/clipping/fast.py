@@ -615,20 +615,26 @@ def _layer_vjp_sum(call: _Call, own: dict[str, jax.Array], a: jax.Array, g: jax.
   return layer_vjp(g)[0]
 
 
-def _sums_batched(calls, leaves, rows, bias_rows, inputs, out_grads, factors) -> dict[int, Any]:
-  """The dense and conv layers' clipped sums, batched: leaf index -> float32 sum."""
+def _gram_sum(call, leaves, a, g, factors, ok) -> dict[int, Any]:
+  """A Gram-norm conv's clipped sum: the layer's own weight gradient at the re-weighted
+  output gradients ``c_i g_i``, with the rows that are not ``ok`` set to 0 in ``a`` and ``g``
+  (two selects: a conv inside a ``lax.cond`` branch ran 10x slower on XLA's CPU backend)."""
+  named = dict(zip(call.names, call.leaf_ids, strict=True))
+  own = {n: leaves[i] for n, i in named.items()}
+  rows = lambda x, w: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x * w, 0)
+  f = factors.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+  summed = _layer_vjp_sum(call, own, rows(a, 1), rows(g, f))
+  return {i: summed[n].astype(accumulation_dtype(leaves[i].dtype)) for n, i in named.items()}
+
+
+def _sums_batched(calls, leaves, rows, bias_rows, factors) -> dict[int, Any]:
+  """The dense and conv layers' clipped sums (materialised or ghost), batched: leaf index ->
+  float32 sum."""
   out: dict[int, Any] = {}
   for k, kept in rows.items():
     c = calls[k]
     named = dict(zip(c.names, c.leaf_ids, strict=True))
     f = factors.astype(kept.g_rows.dtype)
-    if kept.how == "gram":
-      # The layer's own weight gradient at the re-weighted output gradients c_i g_i.
-      g = out_grads[k]
-      own = {n: leaves[i] for n, i in named.items()}
-      summed = _layer_vjp_sum(c, own, inputs[k], g * f.reshape((-1,) + (1,) * (g.ndim - 1)))
-      out.update({i: summed[n] for n, i in named.items()})
-      continue
     if kept.per_ex is None:
       # As one 2-D matmul over the (example, position) rows: XLA's CPU dot runs this
       # several times faster than the same contraction written over two batch-like axes.
@@ -642,9 +648,7 @@ def _sums_batched(calls, leaves, rows, bias_rows, inputs, out_grads, factors) ->
   return {i: x.astype(accumulation_dtype(leaves[i].dtype)) for i, x in out.items()}
 
 
-def _sums_row_by_row(
-  calls, leaves, rows, bias_rows, inputs, out_grads, factors, ok
-) -> dict[int, Any]:
+def _sums_row_by_row(calls, leaves, rows, bias_rows, factors, ok) -> dict[int, Any]:
   """The same sums as :func:`_sums_batched`, one row at a time, over the rows that are ``ok``
   (real, with a finite norm); the others' arrays are replaced by 0 before any product (padding
   rows copy the first real row, which may be the non-finite one). Slow, and only run on a
@@ -664,13 +668,6 @@ def _sums_row_by_row(
     for k, kept in rows.items():
       c = calls[k]
       named = dict(zip(c.names, c.leaf_ids, strict=True))
-      if kept.how == "gram":
-        own = {n: leaves[j] for n, j in named.items()}
-        a, g = row(inputs[k], i)[None], row(out_grads[k], i)[None]
-        summed = _layer_vjp_sum(c, own, a, g * f.astype(g.dtype))
-        for n, j in named.items():
-          acc[j] = acc[j] + summed[n].astype(acc[j].dtype)
-        continue
       if kept.per_ex is None:
         a = row(kept.a_rows, i).reshape(kept.a_rows.shape[1], -1)
         kernel = a.T @ (row(kept.g_rows, i) * f)
@@ -857,14 +854,20 @@ def _clip_and_sum(
   # row's gradient holds a NaN or an inf (factor 0), they are taken row by row with that row
   # skipped instead. Only the branch taken runs, and the row-by-row one needs one row's
   # arrays at a time: on finite batches it costs a test of B norms, no time or memory.
-  sums = (calls, leaves, rows, bias_rows, inputs, out_grads, factors)
   bad = nonfinite_rows(norms, mask)
-  layer_out = jax.lax.cond(
-    jnp.any(bad), lambda: _sums_row_by_row(*sums, mask & ~bad), lambda: _sums_batched(*sums)
-  )
+  ok = mask & ~bad
   out: list[jax.Array | None] = [None] * len(leaves)
-  for i, x in layer_out.items():
-    out[i] = x
+  for k in [k for k, kept in rows.items() if kept.how == "gram"]:
+    for i, x in _gram_sum(calls[k], leaves, inputs[k], out_grads[k], factors, ok).items():
+      out[i] = x
+  rows = {k: kept for k, kept in rows.items() if kept.how != "gram"}
+  if rows:
+    sums = (calls, leaves, rows, bias_rows, factors)
+    layer_out = jax.lax.cond(
+      jnp.any(bad), lambda: _sums_row_by_row(*sums, ok), lambda: _sums_batched(*sums)
+    )
+    for i, x in layer_out.items():
+      out[i] = x
   for leaf_ids, per_ex in vjp_grads.items():
     summed = tree_masked_weighted_sum(per_ex, factors)
     for n, i in zip(sorted(per_ex), leaf_ids, strict=True):

@@ -264,6 +264,26 @@ def fit(
       best.update(value=result[select], epoch=epoch, params=_released_params(state))
     return result
 
+  history: list[dict[str, Any]] = []
+
+  def on_entry(row: dict[str, Any]) -> None:
+    """Splits an epoch's entry into the released metrics and the non-DP diagnostics."""
+    shown = {k: v for k, v in row.items() if not k.startswith("train_") and k != "grad_norms"}
+    if private and row["epoch"] - 1 in _pld_points(training.epochs):
+      event = accounting.dpsgd_event(q, noise.noise_multiplier, int(row["step"]))
+      shown["epsilon_pld"] = accounting.epsilon(event, noise.delta, "pld")
+    history.append(shown)
+    if run is None:
+      return
+    diag = {k: v for k, v in row.items() if k.startswith("train_") or k == "epoch"}
+    if release:
+      run.released.log(label, row["step"], shown)
+      run.diagnostics.log(label, row["step"], diag)
+    else:
+      run.diagnostics.log(label, row["step"], {**shown, **diag})
+    if "grad_norms" in row:
+      run.diagnostics.histogram(label, "per_example_grad_norm", row["step"], row["grad_norms"])
+
   state, raw = train(
     step,
     state,
@@ -272,27 +292,12 @@ def fit(
     epochs=training.epochs,
     tracker=tracker,
     on_epoch=on_epoch,
+    on_entry=on_entry,
     aux_name=aux_name,
     desc=label,
     progress=progress,
   )
   assert int(state.step) == steps, "the run took other steps than accounted"
-  history = []
-  for i, row in enumerate(raw):
-    shown = {k: v for k, v in row.items() if not k.startswith("train_") and k != "grad_norms"}
-    if private and i in _pld_points(len(raw)):
-      event = accounting.dpsgd_event(q, noise.noise_multiplier, int(row["step"]))
-      shown["epsilon_pld"] = accounting.epsilon(event, noise.delta, "pld")
-    history.append(shown)
-    if run is not None:
-      diag = {k: v for k, v in row.items() if k.startswith("train_") or k == "epoch"}
-      if release:
-        run.released.log(label, row["step"], shown)
-        run.diagnostics.log(label, row["step"], diag)
-      else:
-        run.diagnostics.log(label, row["step"], {**shown, **diag})
-      if "grad_norms" in row:
-        run.diagnostics.histogram(label, "per_example_grad_norm", row["step"], row["grad_norms"])
   entry["train_time_s"] = raw[-1]["time"]
   entry.update({k: v for k, v in history[-1].items() if k not in ("epoch", "step", "time")})
   released = _released_params(state)
