@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workers
+from benchmarks import report, workers
+from benchmarks.report import MEMORY_BATCH
 from jaxdp._cpu_flags import MALLOC_ENV
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -45,9 +46,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 MODES = ("quick", "full")
 LOOP_BATCH = 64  # the naive per-example loop runs at this batch only (it is ~100x slower)
 MEMORY_MODEL = "tf_cnn"
-MEMORY_IMPLS = ("jaxdp_private", "jaxdp_nonprivate")
 FULL_BATCHES = {"cpu": (64, 256, 1024), "gpu": (256, 1024, 4096, 16384)}
-MEMORY_BATCH = {"cpu": 1024, "gpu": 4096}
 # Quick mode: every implementation on the TF-Privacy CNN at batch 32 (Opacus "ew" fails on
 # convolutions below 32), one or two implementations on each other model.
 QUICK_BATCH = 32
@@ -58,7 +57,6 @@ QUICK_IMPLS = {
   "mlp": ("jaxdp_nonprivate",),
   "vae": ("jaxdp_private", "opacus_ghost"),
 }
-OTHER_LOAD_WARN = 0.1  # warn when other processes used > 10% of the CPUs while timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,7 +435,6 @@ class Collector:
 
   def write(self) -> list[Path]:
     """Writes (full mode: merges into) the results JSON, then its Markdown table and plot."""
-    from benchmarks import report
 
     rows = self._save_json()
     command = (

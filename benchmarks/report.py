@@ -17,8 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import MEMORY_BATCH, MEMORY_IMPLS, OTHER_LOAD_WARN
 from benchmarks.workers import IMPLS, MODELS, OPACUS_IMPLS
+
+MEMORY_IMPLS = ("jaxdp_private", "jaxdp_nonprivate")  # the memory ratio: private / plain
+MEMORY_BATCH = {"cpu": 1024, "gpu": 4096}  # the batch of the memory column, per device kind
+OTHER_LOAD_WARN = 0.1  # warn when other processes used > 10% of the CPUs while timing
 
 Row = dict[str, Any]
 

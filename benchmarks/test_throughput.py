@@ -1,6 +1,6 @@
 """Throughput and memory of one DP-SGD step: jaxdp against Opacus, JAX-Privacy, optax, PyTorch.
 
-Each test case is one worker process (``benchmarks/workers.py``) for one (model, batch,
+Each test case is one worker process (``python -m benchmarks.workers``) for one (model, batch,
 implementation, repeat); cases are ordered so that the implementations of a batch alternate.
 pytest-benchmark times the whole worker process (start-up, compilation, warm-up and the timed
 rounds: a cost, not the result); the steady-state examples/s the worker measured are in
@@ -64,7 +64,7 @@ def test_throughput(case: harness.Case, benchmark, collector: harness.Collector)
       benchmark.extra_info[key] = result[key]
   _check(result, case)
   other = result.get("other_load")
-  if other is not None and other > harness.OTHER_LOAD_WARN:
+  if other is not None and other > report.OTHER_LOAD_WARN:
     warnings.warn(
       f"{case.id}: other processes used {other:.0%} of the CPUs while timing; the numbers "
       "are unreliable (PyTorch's OpenMP threads suffer most); rerun on a quiet machine",
@@ -78,7 +78,7 @@ def test_peak_memory_private_vs_nonprivate(collector: harness.Collector, record_
   """jaxdp's private step against its non-private step at the memory batch (reported only)."""
   batch = PLAN.memory_batch
   results = []
-  for impl in harness.MEMORY_IMPLS:
+  for impl in report.MEMORY_IMPLS:
     reason = harness.missing_peer(impl)
     if reason is not None:
       pytest.skip(reason)
