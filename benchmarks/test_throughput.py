@@ -17,6 +17,7 @@ from benchmarks import harness, report
 
 pytestmark = pytest.mark.slow  # timing runs of every peer
 
+
 PLAN = harness.get_plan()
 MEMORY_TARGET = 2.0  # private step <= 2x the non-private step (issue 10); reported, not asserted
 

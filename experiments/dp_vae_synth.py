@@ -171,7 +171,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return {f"validation_{name}": value for name, value in res.items()}
 
   figure = splits.figure_examples()
-  panels = {"real (test set)": class_grid(figure.images, figure.labels, k, cfg.images_per_class)}
+  real = {"real (test set)": class_grid(figure.images, figure.labels, k, cfg.images_per_class)}
+  panels: dict[bool, dict] = {True: dict(real), False: dict(real)}  # released: DP only
   entries = []
   for job in jobs:
     ledger = accounting.PrivacyLedger()  # the pipeline's own: label counts, then the VAE
@@ -229,17 +230,15 @@ def run(cfg: Config) -> dict[str, Any]:
     entry.update(result)
     entries.append(entry)
     eps = f"eps = {entry['epsilon_pld']:.2f}" if job.private else "no DP"
-    panels[f"{job.label}\n{eps}"] = class_grid(
-      synthetic.images, synthetic.labels, k, cfg.images_per_class
-    )
+    grid = class_grid(synthetic.images, synthetic.labels, k, cfg.images_per_class)
+    for where in {job.private, False}:
+      panels[where][f"{job.label}\n{eps}"] = grid
 
   released = [e for e in entries if e["private"]]
-  out.plot_images(
-    "synthetic_grid",
-    panels,
-    released=len(released) == len(entries),
-    title=f"{cfg.dataset}: synthetic samples per class, delta = {cfg.delta:g}",
-  )
+  title = f"{cfg.dataset}: synthetic samples per class, delta = {cfg.delta:g}"
+  for where in (True, False):  # the released grid, and one with every pipeline in nondp/
+    if len(panels[where]) > 1 and (where or len(released) < len(entries)):
+      out.plot_images("synthetic_grid", panels[where], released=where, title=title)
   curves = {e["label"]: e["vae_history"] for e in released}
   if curves:
     plot_curves(curves, out.file("plots/elbo.png"), metrics=("neg_elbo",), splits=("validation",))

@@ -163,18 +163,21 @@ def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, ja
   """
   n = jnp.sum(mask)
   denom = jnp.maximum(n, 1)
-  out = {"loss": jnp.sum(cs.losses) / denom, "batch_size": n}
-  if private:
-    norms = cs.per_example_norms
-    bad = nonfinite_rows(norms, mask)
-    ok = mask & ~bad
-    out["loss"] = jnp.sum(jnp.where(ok, cs.losses, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
-    out["grad_norm_mean"] = jnp.sum(jnp.where(ok, norms, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
-    out["grad_norm_median"] = jnp.nanmedian(jnp.where(ok, norms, jnp.nan))
-    out["clip_fraction"] = jnp.sum(mask & (cs.clip_factors < 1.0)) / denom
-    out["nonfinite_fraction"] = jnp.sum(bad) / denom
-    out["grad_norms"] = norms
-  return out
+  if not private:
+    return {"loss": jnp.sum(cs.losses) / denom, "batch_size": n}
+  norms = cs.per_example_norms
+  bad = nonfinite_rows(norms, mask)
+  ok = mask & ~bad
+  finite = jnp.maximum(jnp.sum(ok), 1)
+  return {
+    "loss": jnp.sum(jnp.where(ok, cs.losses, 0.0)) / finite,
+    "batch_size": n,
+    "grad_norm_mean": jnp.sum(jnp.where(ok, norms, 0.0)) / finite,
+    "grad_norm_median": jnp.nanmedian(jnp.where(ok, norms, jnp.nan)),
+    "clip_fraction": jnp.sum(mask & (cs.clip_factors < 1.0)) / denom,
+    "nonfinite_fraction": jnp.sum(bad) / denom,
+    "grad_norms": norms,
+  }
 
 
 class _Jit:

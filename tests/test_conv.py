@@ -13,6 +13,7 @@ from jaxdp import conv
 
 pytestmark = pytest.mark.slow  # jaxdp.conv's numerics (not a privacy property)
 
+
 # (input shape, kernel shape, strides, padding): all take the space-to-depth route.
 S2D_CASES = [
   ((2, 28, 28, 1), (8, 8, 1, 16), (2, 2), "SAME"),  # the TF-Privacy CNN's first conv

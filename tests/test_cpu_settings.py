@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # process settings, checked in subprocesses (not a privacy property)
+
 # A step whose 64 MiB intermediate is above glibc's largest mmap threshold (32 MiB): with
 # default malloc every call maps it afresh and page-faults it in (16k faults of 4 KiB).
 PROBE = """
@@ -19,7 +21,6 @@ import json, os, resource
 import jaxdp, jax, jax.numpy as jnp
 from jaxdp._cpu_flags import MALLOC_APPLIED
 
-pytestmark = pytest.mark.slow  # process settings, checked in subprocesses (not a privacy property)
 f = jax.jit(lambda a, b: (a @ b) @ b[0])
 a, b = jnp.ones((4096, 4)), jnp.ones((4, 4096))
 f(a, b).block_until_ready()

@@ -113,23 +113,6 @@ def test_tuning_run_never_reads_the_test_set(exp, tmp_path):
   assert not (tmp_path / "t" / "nondp" / "metrics.json").exists()  # no non-private model
 
 
-def test_sweep_composes_every_released_model(exp, tmp_path):
-  args = [*TINY, "--epochs", "2", "--baseline-epochs", "1", "--epsilons", "1,8", "--ema", "0"]
-  metrics = exp.main([*args, "--out", str(tmp_path), "--name", "s"])
-  models = metrics["models"]
-  assert [m["label"] for m in models] == ["DP-SGD eps=1", "DP-SGD eps=8"]
-  for m in models:
-    assert m["epsilon"] <= float(m["label"].split("=")[1])
-  # The folder releases both models: its epsilon is their composition, above either alone.
-  both = [
-    accounting.dpsgd_event(m["sampling_prob"], m["noise_multiplier"], m["steps"]) for m in models
-  ]
-  privacy = metrics["privacy"]
-  assert privacy["epsilon_pld"] == accounting.epsilon(both, 1e-5, "pld") > models[1]["epsilon_pld"]
-  assert [e["name"] for e in privacy["ledger"]["entries"]] == ["DP-SGD eps=1", "DP-SGD eps=8"]
-  assert (tmp_path / "s" / "plots" / "privacy_utility.png").is_file()
-
-
 @pytest.mark.parametrize(
   ("flags", "needle"),
   [

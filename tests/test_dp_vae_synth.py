@@ -18,6 +18,7 @@ import scipy.linalg
 from conftest import tiny_vae
 
 from jaxdp import accounting, data, synth
+from jaxdp.experiment import runs, splits
 from jaxdp.metrics import feature_scores, feature_statistics, frechet_distance, inception_score
 from jaxdp.models import MLP
 from jaxdp.models.vae import ConditionalVAE, evaluate_elbo, sample_images, vae_loss
@@ -232,16 +233,37 @@ def test_inception_score_limits():
 # -- the experiment ----------------------------------------------------------------------
 
 
-def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp_path, capsys):
+def _image_hashes(images) -> set[bytes]:
+  return {np.asarray(x, np.float32).tobytes() for x in images}
+
+
+def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
+  exp, tmp_path, capsys, monkeypatch
+):
+  """One DP pipeline (noisy label counts + DP-VAE) and one without DP, in one run folder:
+  every private use in the ledger and the noise calibrated to it; the released files hold
+  the DP pipeline only; no array written (.npz) or plotted (image grids) holds an image of
+  the training split (private, validation or public); no statistic of the training batches
+  is in the released metrics."""
+  shown = []
+  plot = runs.plot_image_grids
+
+  def record(panels, path, **kwargs):
+    shown.extend(panels.values())
+    return plot(panels, path, **kwargs)
+
+  monkeypatch.setattr(runs, "plot_image_grids", record)
   args = ["--dataset", "synthetic", "--quick", "--out", str(tmp_path), "--name", "q"]
   args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
   args += ["--epochs", "2", "--classifier-epochs", "2", "--feature-epochs", "1"]
   args += ["--dp-label-counts", "--label-noise-multiplier", "20", "--accountant", "rdp"]
-  args += ["--target-epsilon", "4", "--images-per-class", "3", "--no-progress"]
+  args += ["--epsilons", "4,inf", "--images-per-class", "3", "--no-progress"]
   metrics = exp.main(args)
   out = tmp_path / "q"
-  (run,) = metrics["pipelines"]
-  for name in ("config.json", "metrics.json", "plots/synthetic_grid.png", "plots/elbo.png"):
+  (run,) = metrics["pipelines"]  # the released one
+  released = ["config.json", "metrics.json", "plots/synthetic_grid.png", "plots/elbo.png"]
+  nondp = ["metrics.json", "plots/synthetic_grid.png", "synthetic-non-private.npz"]
+  for name in released + [f"nondp/{n}" for n in nondp]:
     assert (out / name).is_file(), name
   assert (out / run["vae_checkpoint"]).is_file()
   saved = json.loads((out / "metrics.json").read_text())
@@ -274,7 +296,10 @@ def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp
     "rdp",
   )
   assert vae_alone < run["epsilon_rdp"]  # the label counts cost something
-  # The folder releases one pipeline: its composed epsilon is the pipeline's.
+  # The folder releases one pipeline: its composed epsilon is the pipeline's, from the run's
+  # ledger (the non-private pipeline is in nondp/, outside it).
+  entries = {e["name"] for e in saved["privacy"]["ledger"]["entries"]}
+  assert entries == {"DP eps=4", "DP eps=4/label_counts"}
   assert saved["privacy"]["epsilon_rdp"] == pytest.approx(run["epsilon_rdp"], rel=1e-9)
 
   assert len(run["vae_history"]) == 2
@@ -284,9 +309,26 @@ def test_quick_run_writes_the_run_folder_and_accounts_every_private_use(exp, tmp
   assert down["selected_epoch"] in (1, 2) and len(down["per_class_test_accuracy"]) == 10
   assert math.isfinite(run["fid"]) and run["fid"] >= -1e-6
   assert 1.0 <= run["inception_score"] <= 10.0
-  assert saved["feature_network"]["trained_on"].endswith("(never private), non-DP")
+  assert saved["feature_network"]["trained_on"].startswith("synthetic/train[public]")
+
+  # No training image anywhere in what was written or plotted; the grids' real column is
+  # the test set's.
+  s = splits.load_splits("synthetic", validation_size=200, public_size=300, train_size=800)
+  training = np.concatenate([s.private.images, s.validation.images, s.public.images])
+  written = [np.load(f)["images"] for f in out.rglob("*.npz")]
+  assert len(written) == 2 and len(shown) == 2 + 3  # released grid 2 panels, nondp grid 3
+  drawn = [x for arr in written + shown for x in np.asarray(arr).reshape(-1, *training.shape[1:])]
+  assert not _image_hashes(drawn) & _image_hashes(training)
+  assert _image_hashes(drawn) & _image_hashes(s.figure_examples().images)
+  everything = splits.load_splits("synthetic").private.images  # the whole training split
+  assert not _image_hashes(drawn) & _image_hashes(everything)
+  text = (out / "metrics.json").read_text() + (out / "metrics.jsonl").read_text()
+  for word in ("train_loss", "train_neg_elbo", "clip_fraction", "grad_norm"):
+    assert word not in text, word
+  assert "train_clip_fraction" in (out / "nondp" / "diagnostics.jsonl").read_text()
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[-4].split()[:2] == ["VAE", "downstream"] and lines[-2].startswith("DP eps=4")
+  assert lines[-5].split()[:2] == ["VAE", "downstream"] and lines[-3].startswith("DP eps=4")
+  assert lines[-2].startswith("non-private")
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,7 @@ def _leaf_call(ctx: Any, args: tuple, kwargs: dict, root: Any) -> Mapping[str, A
   return _own_params(ctx.module)
 
 
-def _inside_transform(ctx: Any, args: tuple, root: Any) -> bool:
+def _inside_transform(ctx: Any, root: Any) -> bool:
   """Whether this is a parameterised layer call under a lifted transform (see _leaf_call)."""
   return (
     not _busy()
@@ -253,7 +253,7 @@ def discover(
     def interceptor(next_fun, args, kwargs, ctx):
       own = _leaf_call(ctx, args, kwargs, root)
       if own is None:
-        if _inside_transform(ctx, args, root):
+        if _inside_transform(ctx, root):
           lifted.append(type(ctx.module).__name__)
         return next_fun(*args, **kwargs)
       names = tuple(sorted(own))
