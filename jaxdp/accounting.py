@@ -191,8 +191,22 @@ def epsilon(
       if not isinstance(e, dp_accounting.DpEvent):
         raise TypeError(f"event_or_events must hold dp_accounting.DpEvent, got {type(e).__name__}")
     event = dp_accounting.ComposedDpEvent(events)
-  eps = _make_accountant(accountant).compose(_drop_empty(event)).get_epsilon(delta)
-  return float(eps)
+  return _epsilon_of(repr(event), event, float(delta), accountant)
+
+
+_EPSILONS: dict[tuple[str, float, str], float] = {}  # remembered epsilons, see _epsilon_of
+
+
+def _epsilon_of(key: str, event: Any, delta: float, accountant: str) -> float:
+  """The accountant's epsilon, remembered by the event's description (``key``, its repr,
+  which names every field): a PLD evaluation takes 0.2-2 s, and a run asks for the same
+  event more than once (its last epoch, its run folder's ledger)."""
+  if (key, delta, accountant) not in _EPSILONS:
+    if len(_EPSILONS) >= 1024:
+      _EPSILONS.clear()
+    eps = _make_accountant(accountant).compose(_drop_empty(event)).get_epsilon(delta)
+    _EPSILONS[key, delta, accountant] = float(eps)
+  return _EPSILONS[key, delta, accountant]
 
 
 def _search_noise(

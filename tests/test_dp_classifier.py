@@ -14,7 +14,16 @@ from jaxdp import accounting
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "dp_classifier.py"
 TINY = ["--dataset", "synthetic", "--quick", "--model", "mlp", "--no-progress"]
-TINY += ["--train-size", "1000", "--validation-size", "300"]
+TINY += [
+  "--train-size",
+  "1000",
+  "--validation-size",
+  "300",
+  "--epochs",
+  "2",
+  "--baseline-epochs",
+  "1",
+]
 
 
 def load_script(path: Path):

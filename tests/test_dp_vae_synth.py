@@ -257,7 +257,15 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
   args += ["--epochs", "2", "--classifier-epochs", "2", "--feature-epochs", "1"]
   args += ["--dp-label-counts", "--label-noise-multiplier", "20", "--accountant", "rdp"]
-  args += ["--epsilons", "4,inf", "--images-per-class", "3", "--no-progress"]
+  args += [
+    "--epsilons",
+    "4,inf",
+    "--images-per-class",
+    "3",
+    "--no-progress",
+    "--num-samples",
+    "400",
+  ]
   metrics = exp.main(args)
   out = tmp_path / "q"
   (run,) = metrics["pipelines"]  # the released one
@@ -271,12 +279,12 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
 
   with np.load(out / run["synthetic_npz"]) as f:
     images, labels = f["images"], f["labels"]
-  assert images.shape == (800, 28, 28, 1) and images.dtype == np.float32
+  assert images.shape == (400, 28, 28, 1) and images.dtype == np.float32
   assert images.min() >= 0.0 and images.max() <= 1.0
   assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
-  # The classes follow the noisy counts (the first 800 of 880 labels, held-out ones after).
+  # The classes follow the noisy counts (the first 400 of 440 labels, held-out ones after).
   noisy = np.maximum(np.array(run["noisy_counts"]), 0)
-  expected = synth.class_counts(880, 10, noisy / noisy.sum())
+  expected = synth.class_counts(440, 10, noisy / noisy.sum())
   assert np.all(np.bincount(labels, minlength=10) <= expected)
 
   # Every private use is in the pipeline's ledger, and its epsilon is the ledger's total.
