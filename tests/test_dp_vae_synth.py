@@ -240,9 +240,8 @@ def _image_hashes(images) -> set[bytes]:
 def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   exp, tmp_path, capsys, monkeypatch
 ):
-  """One DP pipeline (noisy label counts + DP-VAE) and one without DP, in one run folder:
-  every private use in the ledger and the noise calibrated to it; the released files hold
-  the DP pipeline only; no array written (.npz) or plotted (image grids) holds an image of
+  """A DP pipeline (noisy label counts + DP-VAE): every private use in the ledger and the
+  noise calibrated to it; no array written (.npz) or plotted (image grids) holds an image of
   the training split (private, validation or public); no statistic of the training batches
   is in the released metrics."""
   shown = []
@@ -257,21 +256,13 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
   args += ["--epochs", "2", "--classifier-epochs", "2", "--feature-epochs", "1"]
   args += ["--dp-label-counts", "--label-noise-multiplier", "20", "--accountant", "rdp"]
-  args += [
-    "--epsilons",
-    "4,inf",
-    "--images-per-class",
-    "3",
-    "--no-progress",
-    "--num-samples",
-    "400",
-  ]
+  args += ["--target-epsilon", "4", "--images-per-class", "3", "--no-progress"]
+  args += ["--num-samples", "400"]
   metrics = exp.main(args)
   out = tmp_path / "q"
-  (run,) = metrics["pipelines"]  # the released one
+  (run,) = metrics["pipelines"]
   released = ["config.json", "metrics.json", "plots/synthetic_grid.png", "plots/elbo.png"]
-  nondp = ["metrics.json", "plots/synthetic_grid.png", "synthetic-non-private.npz"]
-  for name in released + [f"nondp/{n}" for n in nondp]:
+  for name in [*released, "nondp/diagnostics.jsonl"]:
     assert (out / name).is_file(), name
   assert (out / run["vae_checkpoint"]).is_file()
   saved = json.loads((out / "metrics.json").read_text())
@@ -305,7 +296,7 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   )
   assert vae_alone < run["epsilon_rdp"]  # the label counts cost something
   # The folder releases one pipeline: its composed epsilon is the pipeline's, from the run's
-  # ledger (the non-private pipeline is in nondp/, outside it).
+  # ledger.
   entries = {e["name"] for e in saved["privacy"]["ledger"]["entries"]}
   assert entries == {"DP eps=4", "DP eps=4/label_counts"}
   assert saved["privacy"]["epsilon_rdp"] == pytest.approx(run["epsilon_rdp"], rel=1e-9)
@@ -324,7 +315,7 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   s = splits.load_splits("synthetic", validation_size=200, public_size=300, train_size=800)
   training = np.concatenate([s.private.images, s.validation.images, s.public.images])
   written = [np.load(f)["images"] for f in out.rglob("*.npz")]
-  assert len(written) == 2 and len(shown) == 2 + 3  # released grid 2 panels, nondp grid 3
+  assert len(written) == 1 and len(shown) == 2  # the grid: real (test set) and synthetic
   drawn = [x for arr in written + shown for x in np.asarray(arr).reshape(-1, *training.shape[1:])]
   assert not _image_hashes(drawn) & _image_hashes(training)
   assert _image_hashes(drawn) & _image_hashes(s.figure_examples().images)
@@ -335,8 +326,7 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
     assert word not in text, word
   assert "train_clip_fraction" in (out / "nondp" / "diagnostics.jsonl").read_text()
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[-5].split()[:2] == ["VAE", "downstream"] and lines[-3].startswith("DP eps=4")
-  assert lines[-2].startswith("non-private")
+  assert lines[-4].split()[:2] == ["VAE", "downstream"] and lines[-2].startswith("DP eps=4")
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import jaxdp
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -17,6 +19,7 @@ def readme_example() -> str:
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow  # the documentation's example (its privacy is the library's, tested elsewhere)
 def test_readme_example_trains_privately(monkeypatch, capsys):
   code = readme_example()
   assert len(code.splitlines()) <= 30

@@ -85,6 +85,7 @@ def test_update_ignores_a_real_example_with_a_nan_loss(engine):
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm_mean"]))
 
 
+@pytest.mark.slow  # compilation, not privacy
 def test_compiles_once_per_batch_shape():
   loss_fn, params, batch = make_problem("mlp", batch_size=40)
   step = make_step(
