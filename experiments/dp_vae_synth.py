@@ -35,10 +35,8 @@ import jaxdp  # noqa: F401
 # isort: split
 import dataclasses
 import functools
-import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -53,21 +51,14 @@ from jaxdp.experiment.settings import (
   PrivacySettings,
   RunSettings,
   SyntheticSettings,
+  VAESettings,
 )
-from jaxdp.models.classifier import ACTIVATIONS
-from jaxdp.models.vae import (
-  CONDITIONINGS,
-  DECODERS,
-  ConditionalVAE,
-  evaluate_elbo,
-  sample_images,
-  vae_loss,
-)
-from jaxdp.plots import class_grid, plot_curves
+from jaxdp.models.vae import evaluate_elbo, sample_images, vae_loss
+from jaxdp.plots import plot_curves
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
+class Config(VAESettings, DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   """Everything a run depends on; the flags, written to ``config.json``."""
 
   DEFAULT_EPSILON: ClassVar[float] = 10.0
@@ -86,53 +77,16 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   out: str = option("runs/dp_vae_synth", "parent folder of the run folder")
   public_size: int = option(2000, "training examples set apart as public (FID network)")
   dp: bool = option(True, "train the VAE with DP (--no-dp: without; results go to nondp/)")
-  latent_dim: int = option(16, "latent dimension", check="positive_int")
-  encoder_widths: tuple[int, ...] = option(
-    (16,), "channels of the stride-2 encoder convs", check="positive_ints"
-  )
-  encoder_hidden: tuple[int, ...] = option(
-    (), "Dense layers after the encoder convs", check="positive_ints"
-  )
-  decoder_hidden: tuple[int, ...] = option(
-    (128,), "Dense layers before the decoder's map", check="positive_ints"
-  )
-  decoder_widths: tuple[int, ...] = option(
-    (8,), "channels of the decoder's x2 sub-pixel maps (at least one)", check="positive_ints"
-  )
-  activation: str = option("tanh", "activation", choices=tuple(ACTIVATIONS))
-  groups: int = option(0, "GroupNorm groups (0: none)", check="non_negative_int")
-  decoder: str = option("bernoulli", "pixel likelihood", choices=DECODERS)
-  class_bias: bool = option(True, "a learned per-class output image in the decoder")
-  conditioning: str = option(
-    "product", "decoder input: [z, y] or [y (x) z, y]", choices=CONDITIONINGS
-  )
-  class_prior: bool = option(True, "class-conditional prior N(m_y, I) (else N(0, I))")
   beta: float = option(1.0, "KL weight", check="positive")
   epochs: int = option(60, "VAE epochs", check="positive_int")
   batch_size: int = option(4096, "expected (Poisson) batch size", check="positive_int")
   lr: float = option(1e-2, "Adam learning rate", check="positive")
   ema: float = option(0.99, "decay of the released parameter average (0: off)", check="decay")
   clip: float = option(1.0, "L2 clip norm of each example's gradient", check="positive")
-  temperature: float = option(1.3, "std of the latent draws when sampling", check="positive")
-  pixel_temperature: float = option(
-    1.0, "divides the decoder's pre-sigmoid output", check="positive"
-  )
 
   def check(self) -> None:
-    if not self.decoder_widths:
-      raise ValueError("--decoder-widths must hold at least one width")
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
       raise ValueError("--no-dp takes no --noise-multiplier, --target-epsilon or --epsilons")
-
-  def vae(self, image_shape: tuple[int, ...], num_classes: int) -> ConditionalVAE:
-    """The VAE of these settings for images of ``image_shape``."""
-    names = {f.name for f in dataclasses.fields(self)} - {"name"}
-    fields = {
-      f.name: getattr(self, f.name) for f in dataclasses.fields(ConditionalVAE) if f.name in names
-    }
-    return ConditionalVAE(
-      image_shape=image_shape, num_classes=num_classes, act=self.activation, **fields
-    )
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -158,22 +112,14 @@ def run(cfg: Config) -> dict[str, Any]:
   jobs = cfg.jobs("DP") if cfg.dp else [Job("non-private", False)]
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))
   keys = cfg.key_source()
-  features, feature_info = None, None
-  if splits.public is not None:
-    cache = Path(cfg.out) / "_cache"
-    *features, feature_info = tasks.feature_network(
-      splits.public, epochs=cfg.feature_epochs, cache=cache, seed=cfg.seed, progress=cfg.progress
-    )
+  features, feature_info = tasks.run_feature_network(cfg, splits)
+  release = tasks.SyntheticRelease(out, splits, "VAE", cfg.images_per_class)
   val = splits.validation
 
   def elbo(params: Any) -> dict[str, float]:
     res = evaluate_elbo(vae, params, val.images, val.labels, key)
     return {f"validation_{name}": value for name, value in res.items()}
 
-  figure = splits.figure_examples()
-  real = {"real (test set)": class_grid(figure.images, figure.labels, k, cfg.images_per_class)}
-  panels: dict[bool, dict] = {True: dict(real), False: dict(real)}  # released: DP only
-  entries = []
   for job in jobs:
     ledger = accounting.PrivacyLedger()  # the pipeline's own: label counts, then the VAE
     proportions, noisy = (None, None)
@@ -181,7 +127,6 @@ def run(cfg: Config) -> dict[str, Any]:
       proportions, noisy = tasks.label_proportions(
         job.label, splits, cfg, keys=keys, ledger=ledger, run=out
       )
-    entry: dict[str, Any] = {"label": job.label, "private": job.private, "noisy_counts": noisy}
     noise = tasks.calibrate(job, cfg, num_examples=n, training=training, ledger=ledger)
     trained = tasks.fit(
       job.label,
@@ -201,9 +146,8 @@ def run(cfg: Config) -> dict[str, Any]:
       ledger.add_dpsgd(
         "vae", trained.entry["sampling_prob"], noise.noise_multiplier, trained.entry["steps"]
       )
-    for acc in accounting.ACCOUNTANTS:
-      entry[f"epsilon_{acc}"] = ledger.epsilon(cfg.delta, acc) if job.private else math.inf
-    entry.update(ledger=ledger.to_dict(), vae=trained.entry, vae_history=trained.history)
+    entry: dict[str, Any] = {"label": job.label, "private": job.private, "noisy_counts": noisy}
+    entry.update(vae=trained.entry, vae_history=trained.history)
     entry["train_time_s"] = trained.entry["train_time_s"]
     entry["vae_checkpoint"] = out.save_params(job.label, trained.params, released=job.private)
     generator = functools.partial(
@@ -227,35 +171,14 @@ def run(cfg: Config) -> dict[str, Any]:
       seed=cfg.seed,
       progress=cfg.progress,
     )
-    entry.update(result)
-    entries.append(entry)
-    eps = f"eps = {entry['epsilon_pld']:.2f}" if job.private else "no DP"
-    grid = class_grid(synthetic.images, synthetic.labels, k, cfg.images_per_class)
-    for where in {job.private, False}:
-      panels[where][f"{job.label}\n{eps}"] = grid
+    release.add({**entry, **result}, ledger, synthetic, cfg.delta)
 
-  released = [e for e in entries if e["private"]]
-  title = f"{cfg.dataset}: synthetic samples per class, delta = {cfg.delta:g}"
-  for where in (True, False):  # the released grid, and one with every pipeline in nondp/
-    if len(panels[where]) > 1 and (where or len(released) < len(entries)):
-      out.plot_images("synthetic_grid", panels[where], released=where, title=title)
-  curves = {e["label"]: e["vae_history"] for e in released}
+  curves = {e["label"]: e["vae_history"] for e in release.entries if e["private"]}
   if curves:
     plot_curves(curves, out.file("plots/elbo.png"), metrics=("neg_elbo",), splits=("validation",))
-  nondp = [e for e in entries if not e["private"]]
-  metrics = out.finish(
-    {
-      "dataset": cfg.dataset,
-      "num_private": n,
-      "feature_network": feature_info,
-      "pipelines": released,
-    },
-    nondp={"pipelines": nondp} if nondp else None,
-  )
-  print(f"wrote {out.path}")
-  print(tasks.synthetic_table(entries, "VAE"))
-  print(f"released: epsilon {metrics['privacy']['epsilon_pld']:.3f} (PLD), all DP pipelines")
-  return metrics
+  title = f"{cfg.dataset}: synthetic samples per class, delta = {cfg.delta:g}"
+  info = {"dataset": cfg.dataset, "num_private": n, "feature_network": feature_info}
+  return release.finish(info, title)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

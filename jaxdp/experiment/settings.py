@@ -23,6 +23,7 @@ from jaxdp import step as step_lib
 from jaxdp.experiment.cli import flag, option
 from jaxdp.keys import KeySource
 from jaxdp.models import classifier as classifier_lib
+from jaxdp.models import vae as vae_lib
 
 __all__ = [
   "DataSettings",
@@ -31,6 +32,7 @@ __all__ = [
   "RunSettings",
   "Settings",
   "SyntheticSettings",
+  "VAESettings",
 ]
 
 DATASETS = (*data.DATASETS, "synthetic")
@@ -226,3 +228,50 @@ class SyntheticSettings(Settings):
   feature_epochs: int = option(
     10, "epochs of the FID feature network (public data, cached)", check="positive_int"
   )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VAESettings(Settings):
+  """The architecture of a :class:`jaxdp.models.vae.ConditionalVAE` and how it is sampled."""
+
+  latent_dim: int = option(16, "latent dimension", check="positive_int")
+  encoder_widths: tuple[int, ...] = option(
+    (16,), "channels of the stride-2 encoder convs", check="positive_ints"
+  )
+  encoder_hidden: tuple[int, ...] = option(
+    (), "Dense layers after the encoder convs", check="positive_ints"
+  )
+  decoder_hidden: tuple[int, ...] = option(
+    (128,), "Dense layers before the decoder's map", check="positive_ints"
+  )
+  decoder_widths: tuple[int, ...] = option(
+    (8,), "channels of the decoder's x2 sub-pixel maps (at least one)", check="positive_ints"
+  )
+  activation: str = option("tanh", "activation", choices=tuple(classifier_lib.ACTIVATIONS))
+  groups: int = option(0, "GroupNorm groups (0: none)", check="non_negative_int")
+  decoder: str = option("bernoulli", "pixel likelihood", choices=vae_lib.DECODERS)
+  class_bias: bool = option(True, "a learned per-class output image in the decoder")
+  conditioning: str = option(
+    "product", "decoder input: [z, y] or [y (x) z, y]", choices=vae_lib.CONDITIONINGS
+  )
+  class_prior: bool = option(True, "class-conditional prior N(m_y, I) (else N(0, I))")
+  temperature: float = option(1.3, "std of the latent draws when sampling", check="positive")
+  pixel_temperature: float = option(
+    1.0, "divides the decoder's pre-sigmoid output", check="positive"
+  )
+
+  def check(self) -> None:
+    if not self.decoder_widths:
+      raise ValueError("--decoder-widths must hold at least one width")
+
+  def vae(self, image_shape: tuple[int, ...], num_classes: int) -> vae_lib.ConditionalVAE:
+    """The VAE of these settings for images of ``image_shape``."""
+    names = {f.name for f in dataclasses.fields(self)}
+    fields = {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(vae_lib.ConditionalVAE)
+      if f.name in names and f.name != "name"
+    }
+    return vae_lib.ConditionalVAE(
+      image_shape=image_shape, num_classes=num_classes, act=self.activation, **fields
+    )

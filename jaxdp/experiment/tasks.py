@@ -39,6 +39,7 @@ from jaxdp.metrics import (
 )
 from jaxdp.models import classifier as classifier_lib
 from jaxdp.models import scatternet
+from jaxdp.plots import class_grid
 from jaxdp.sampling import PoissonSampler
 from jaxdp.step import DPConfig, init_state, make_step
 from jaxdp.train import train
@@ -47,6 +48,7 @@ __all__ = [
   "CLASSIFIERS",
   "FEATURE_NETWORK",
   "Noise",
+  "SyntheticRelease",
   "Trained",
   "Training",
   "calibrate",
@@ -58,6 +60,7 @@ __all__ = [
   "label_proportions",
   "load_data",
   "make_classifier",
+  "run_feature_network",
   "synthetic_table",
   "test_classifier",
   "train_classifier",
@@ -584,6 +587,67 @@ def evaluate_generator(
   return entry, synthetic
 
 
+@dataclasses.dataclass
+class SyntheticRelease:
+  """The pipelines of a synthetic-data run, collected and then released together.
+
+  Each :meth:`add` takes a pipeline's measurements, its own ledger (its epsilons, PLD and
+  RDP, are that ledger's) and its synthetic set (a grid of it). :meth:`finish` draws the
+  released grid (real test images, then the DP pipelines: a training image is never shown),
+  and, when there are non-DP pipelines, a grid of all of them under ``nondp/``; writes
+  ``metrics.json`` (the DP pipelines; ``privacy`` composes them through the run's ledger)
+  and ``nondp/metrics.json``; prints the table.
+  """
+
+  run: RunFolder
+  splits: Splits
+  generator: str  # the table's name for the generator, e.g. "VAE"
+  images_per_class: int
+  entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  grids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def add(
+    self,
+    entry: dict[str, Any],
+    ledger: accounting.PrivacyLedger,
+    synthetic: data.Dataset,
+    delta: float,
+  ) -> dict[str, Any]:
+    """Records one pipeline (``entry`` needs ``label`` and ``private``); returns the entry
+    with its epsilons and ledger."""
+    for acc in accounting.ACCOUNTANTS:
+      entry[f"epsilon_{acc}"] = ledger.epsilon(delta, acc) if entry["private"] else math.inf
+    entry["ledger"] = ledger.to_dict()
+    eps = f"eps = {entry['epsilon_pld']:.2f}" if entry["private"] else "no DP"
+    k = self.splits.num_classes
+    grid = class_grid(synthetic.images, synthetic.labels, k, self.images_per_class)
+    self.grids[f"{entry['label']}\n{eps}"] = grid
+    self.entries.append(entry)
+    return entry
+
+  def finish(self, metrics: Mapping[str, Any], title: str) -> dict[str, Any]:
+    """Grids, ``metrics.json`` (``metrics`` plus ``pipelines``) and the printed table."""
+    figure = self.splits.figure_examples()
+    k = self.splits.num_classes
+    real = {"real (test set)": class_grid(figure.images, figure.labels, k, self.images_per_class)}
+    pairs = zip(self.grids.items(), self.entries, strict=True)
+    dp_grids = {name: grid for (name, grid), e in pairs if e["private"]}
+    if dp_grids:
+      self.run.plot_images("synthetic_grid", {**real, **dp_grids}, title=title)
+    if len(dp_grids) < len(self.entries):
+      self.run.plot_images("synthetic_grid", {**real, **self.grids}, released=False, title=title)
+    released = [e for e in self.entries if e["private"]]
+    nondp = [e for e in self.entries if not e["private"]]
+    out = self.run.finish(
+      {**metrics, "pipelines": released}, nondp={"pipelines": nondp} if nondp else None
+    )
+    print(f"wrote {self.run.path}")
+    print(synthetic_table(self.entries, self.generator))
+    if released:
+      print(f"released: epsilon {out['privacy']['epsilon_pld']:.3f} (PLD), all DP pipelines")
+    return out
+
+
 # -- FID / IS ----------------------------------------------------------------------------
 
 # The feature network's fixed recipe, so that FIDs of different runs compare.
@@ -645,6 +709,23 @@ def feature_network(
     (cache / f"{tag}.msgpack").write_bytes(serialization.to_bytes(trained.params))
     (cache / f"{tag}.json").write_text(json.dumps({**meta, "cached": True}) + "\n")
   return model, trained.params, {**info, **meta}
+
+
+def run_feature_network(
+  cfg: Any, splits: Splits
+) -> tuple[tuple[nn.Module, PyTree] | None, dict[str, Any] | None]:
+  """The run's feature network (:func:`feature_network` on the public partition, cached in
+  ``<out>/_cache``) and its description; ``(None, None)`` without a public partition."""
+  if splits.public is None:
+    return None, None
+  *features, info = feature_network(
+    splits.public,
+    epochs=cfg.feature_epochs,
+    cache=Path(cfg.out) / "_cache",
+    seed=cfg.seed,
+    progress=cfg.progress,
+  )
+  return tuple(features), info
 
 
 def fid_is(
