@@ -54,9 +54,10 @@ import numpy as np
 import optax
 from scipy import optimize, special, stats
 
-from jaxdp import _validate, accounting, keys, sampling
+from jaxdp import _validate, accounting, sampling
 from jaxdp.clipping import reference
 from jaxdp.clipping._common import ClippedSum
+from jaxdp.keys import KeySource
 from jaxdp.noise import privatize, sensitivity
 from jaxdp.step import DPConfig, Step, init_state, make_step
 
@@ -163,6 +164,7 @@ def lira_scores(
   *,
   online: bool = True,
   global_variance: bool = False,
+  shadow_used: Any = None,
   min_std: float = 1e-3,
 ) -> np.ndarray:
   """Likelihood-ratio attack (LiRA, Carlini et al. 2022) from shadow models.
@@ -181,6 +183,10 @@ def lira_scores(
     online: the two-sided test (needs "in" shadows); else the offline one (only "out").
     global_variance: one variance per side pooled over all candidates (Carlini et al.
       recommend it with few shadow models).
+    shadow_used: optional (S, n) bool, which shadow models score each candidate (default
+      all). With few shadows, give members and non-members as many "in" as "out" shadows:
+      unequal counts bias the scores (the mean fitted from fewer models is further from
+      any model's statistic), which with no signal pushes the AUC below 0.5.
     min_std: floor on the fitted standard deviations.
 
   Returns:
@@ -192,10 +198,11 @@ def lira_scores(
   phi = np.asarray(target, np.float64)
   s = np.asarray(shadow, np.float64)
   inn = np.asarray(shadow_in, bool)
-  if s.ndim != 2 or s.shape != inn.shape or s.shape[1] != phi.shape[0]:
+  used = np.ones_like(inn) if shadow_used is None else np.asarray(shadow_used, bool)
+  if s.ndim != 2 or not (s.shape == inn.shape == used.shape) or s.shape[1] != phi.shape[0]:
     raise ValueError(
-      f"shadow and shadow_in must be (S, n) with n = len(target) = {phi.shape[0]}, got "
-      f"{s.shape} and {inn.shape}"
+      f"shadow, shadow_in and shadow_used must be (S, n) with n = len(target) = "
+      f"{phi.shape[0]}, got {s.shape}, {inn.shape} and {used.shape}"
     )
 
   def fit(which: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -210,10 +217,10 @@ def lira_scores(
       var = dev.sum(0) / np.maximum(count - 1, 1)
     return mu, np.maximum(np.sqrt(var), min_std)
 
-  mu_out, sd_out = fit(~inn, "out")
+  mu_out, sd_out = fit(~inn & used, "out")
   if not online:
     return stats.norm.logcdf((phi - mu_out) / sd_out)
-  mu_in, sd_in = fit(inn, "in")
+  mu_in, sd_in = fit(inn & used, "in")
   return stats.norm.logpdf(phi, mu_in, sd_in) - stats.norm.logpdf(phi, mu_out, sd_out)
 
 
@@ -610,7 +617,8 @@ def white_box_audit(
   amplitude: float | None = None,
   has_aux: bool = False,
   confidence: float = 0.95,
-  seed: int | None = None,
+  keys: KeySource | None = None,
+  label: str = "white-box audit",
 ) -> dict[str, Any]:
   """A one-run white-box audit of DP-SGD: one training run with m gradient canaries.
 
@@ -636,7 +644,9 @@ def white_box_audit(
     amplitude: each canary gradient's norm before clipping (>= C).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     confidence: confidence of the bounds.
-    seed: the canaries' inclusion and the run's randomness; None draws them from the OS.
+    keys: the run's key source (the canaries' inclusion, the batches and the noise); None
+      draws them from the OS.
+    label: the run's name in ``keys`` (each run of one key source needs its own).
 
   Returns:
     :func:`audit_scores`'s result plus ``claimed_epsilon`` (PLD), ``mechanism``,
@@ -648,8 +658,8 @@ def white_box_audit(
   amplitude = 10.0 * clip if amplitude is None else amplitude
   if amplitude < clip:
     raise ValueError(f"amplitude must be >= l2_norm_clip = {clip}, got {amplitude}")
-  source = keys.KeySource(insecure_seed=seed)
-  rng = np.random.default_rng(source.seed("canaries"))
+  source = KeySource() if keys is None else keys
+  rng = np.random.default_rng(source.seed(f"{label}/inclusion"))
   included = rng.random(num_canaries) < 0.5
   real = jax.tree_util.tree_map(np.asarray, train_data)
   n_real = len(jax.tree_util.tree_leaves(real)[0])
@@ -660,7 +670,9 @@ def white_box_audit(
   data = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), real, canary_rows)
   data["canary"] = np.concatenate([np.full(n_real, -1, np.int32), chosen.astype(np.int32)])
   n = n_real + len(chosen)
-  sampler = sampling.PoissonSampler(n, sampling_prob=sampling_prob, seed=source.seed("batches"))
+  sampler = sampling.PoissonSampler(
+    n, sampling_prob=sampling_prob, seed=source.seed(f"{label}/batches")
+  )
   b = sampler.expected_batch_size
   loss = canary_loss(loss_fn, amplitude, has_aux=has_aux)
   opt = canary_optimizer(model_optimizer)
@@ -669,7 +681,7 @@ def white_box_audit(
   else:
     step = make_broken_step(mechanism, loss, opt, privacy, expected_batch_size=b, has_aux=has_aux)
   params = {"model": model_params, "audit": jnp.zeros((num_canaries,), jnp.float32)}
-  state = init_state(params, opt, source.key("noise"))
+  state = init_state(params, opt, source.key(f"{label}/noise"))
   _, iterates = observe_canaries(
     step, state, jax.device_put(data), (sampler.sample() for _ in range(steps))
   )

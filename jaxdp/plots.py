@@ -24,6 +24,7 @@ __all__ = [
   "plot_epsilon",
   "plot_image_grids",
   "plot_privacy_utility",
+  "plot_roc",
   "save_figure",
 ]
 
@@ -192,6 +193,43 @@ def plot_privacy_utility(
   ax.legend(loc="lower right", fontsize="small")
   if title:
     ax.set_title(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_roc(
+  curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+  path: str | os.PathLike[str],
+  *,
+  title: str | None = None,
+) -> Path:
+  """Membership-inference ROC curves on log-log axes (the low false-positive region is the
+  one that matters, Carlini et al. 2022), with the chance diagonal.
+
+  Args:
+    curves: ``{label: (fpr, tpr)}``.
+    path: PNG file to write.
+    title: figure title.
+
+  Returns:
+    The path written.
+  """
+  fig = Figure(figsize=(4.6, 4.2))
+  ax = fig.subplots()
+  floor = 1e-5
+  for label, (fpr, tpr) in curves.items():
+    f = np.maximum(np.asarray(fpr, float), floor)
+    ax.plot(f, np.maximum(np.asarray(tpr, float), floor), label=label, linewidth=1.2)
+  ax.plot([floor, 1], [floor, 1], color="grey", linestyle=":", label="chance")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlim(1e-4, 1)
+  ax.set_ylim(1e-4, 1)
+  ax.set_xlabel("false-positive rate")
+  ax.set_ylabel("true-positive rate")
+  ax.legend(fontsize="small")
+  if title:
+    ax.set_title(title, fontsize="medium")
   fig.tight_layout()
   return save_figure(fig, path)
 

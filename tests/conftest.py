@@ -259,7 +259,13 @@ def pytest_configure(config):
 
 # The end-to-end runs take longest: scheduled first, they overlap with the rest on the two
 # workers of ``-n 2`` instead of running alone at the end.
-FIRST = ("test_dp_vae_synth.py", "test_release.py", "test_dp_classifier.py", "test_readme.py")
+FIRST = (
+  "test_dp_vae_synth.py",
+  "test_release.py",
+  "test_dp_audit.py",
+  "test_dp_classifier.py",
+  "test_readme.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ import pytest
 from scipy import special, stats
 
 from jaxdp import accounting, audit
+from jaxdp.keys import KeySource
 from jaxdp.step import DPConfig
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def _audit(mechanism: str, engine: str, seed: int, eps: float = 2.0) -> dict:
     model_optimizer=optax.sgd(0.1),
     delta=1e-5,
     mechanism=mechanism,
-    seed=seed,
+    keys=KeySource(insecure_seed=seed),
   )
 
 
