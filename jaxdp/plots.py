@@ -23,6 +23,7 @@ __all__ = [
   "plot_curves",
   "plot_epsilon",
   "plot_image_grids",
+  "plot_member_losses",
   "plot_privacy_utility",
   "plot_roc",
   "save_figure",
@@ -193,6 +194,39 @@ def plot_privacy_utility(
   ax.legend(loc="lower right", fontsize="small")
   if title:
     ax.set_title(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_member_losses(
+  losses: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  path: str | os.PathLike[str],
+  *,
+  title: str | None = None,
+) -> Path:
+  """Per-example loss histograms of members (trained on) and non-members, one panel per
+  model: the gap between the two is what a loss-threshold attack exploits.
+
+  Args:
+    losses: ``{model: (member_losses, nonmember_losses)}``.
+    path: PNG file to write.
+    title: figure title.
+
+  Returns:
+    The path written.
+  """
+  fig = Figure(figsize=(4.2 * len(losses), 3.2))
+  axes = fig.subplots(1, len(losses), squeeze=False)[0]
+  for ax, (name, (inside, outside)) in zip(axes, losses.items(), strict=True):
+    both = np.log10(np.maximum(np.concatenate([inside, outside]), 1e-8))
+    bins = np.linspace(both.min(), both.max(), 50)
+    for values, label in ((inside, "members"), (outside, "non-members")):
+      ax.hist(np.log10(np.maximum(values, 1e-8)), bins=bins, alpha=0.55, label=label, density=True)
+    ax.set_title(name, fontsize="small")
+    ax.set_xlabel("log10 loss")
+    ax.legend(fontsize="small")
+  if title:
+    fig.suptitle(title, fontsize="medium")
   fig.tight_layout()
   return save_figure(fig, path)
 

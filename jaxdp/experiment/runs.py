@@ -121,6 +121,14 @@ class MetricStream:
     if writer is not None and values.size:
       writer.add_histogram(f"{slug(model)}/{name}", values, int(step))
 
+  def figure(self, tag: str, png: Path) -> None:
+    """A written PNG figure as a TensorBoard image (nothing without TensorBoard)."""
+    writer = self._tb()
+    if writer is not None:
+      from matplotlib import image as mpimg
+
+      writer.add_image(tag, mpimg.imread(png)[..., :3], 0, dataformats="HWC")
+
   def close(self) -> None:
     """Flushes and closes the TensorBoard writer."""
     if self._writer is not None:
