@@ -12,7 +12,7 @@ public data (and the test set's first digit of each class, for the saliency figu
 whole folder can be published. Figures (``plots/``, and TensorBoard with ``--tensorboard``):
 
 * ``filters.png``: the 16 first-layer 8x8 filters of each model;
-* ``saliency.png``: |d logit_y / d x| on test digits (Simonyan et al. 2014);
+* ``saliency.png``: |d logit_y / d x| on test digits (SmoothGrad, Smilkov et al. 2017);
 * ``member_losses.png``: per-example loss of members and non-members, and the
   loss-threshold attack's AUC on them (:mod:`jaxdp.audit`);
 * ``inversion.png``: one reconstruction per class by gradient ascent on the input
@@ -103,10 +103,11 @@ def run(cfg: Config) -> dict[str, Any]:
     w = reveal.first_layer_filters(t.params)
     lo, hi = w.min(axis=(1, 2), keepdims=True), w.max(axis=(1, 2), keepdims=True)
     filters[label] = ((w - lo) / np.maximum(hi - lo, 1e-12)).reshape(2, -1, *w.shape[1:], 1)
-    saliency[label] = reveal.saliency_maps(model, t.params, digits, digit_labels)[
+    short = label.replace("DP-SGD ", "")  # narrow panels
+    saliency[short] = reveal.saliency_maps(model, t.params, digits, digit_labels)[
       :, None, ..., None
     ]
-    inversions[label] = reveal.invert_classes(
+    inversions[short] = reveal.invert_classes(
       model, t.params, members.image_shape, k, steps=cfg.inversion_steps
     )[:, None]
     inside = reveal.per_example_losses(model, t.params, members.images, members.labels)

@@ -80,6 +80,7 @@ __all__ = [
   "one_run_ceiling",
   "one_run_epsilon",
   "one_run_p_value",
+  "plan_guess_count",
   "roc_curve",
   "tpr_at_fpr",
   "white_box_audit",
@@ -407,6 +408,40 @@ def audit_scores(
   return best
 
 
+def plan_guess_count(
+  num_canaries: int,
+  sampling_prob: float,
+  noise_multiplier: float,
+  steps: int,
+  delta: float,
+  *,
+  confidence: float = 0.95,
+  candidates: Sequence[int] | None = None,
+  trials: int = 20,
+  seed: int = 0,
+) -> int:
+  """The number of guesses per side k for a white-box canary audit, chosen BEFORE the run
+  by simulating the claimed mechanism (public: m, q, sigma, T) with a public seed: the k
+  whose median Gaussian-DP bound over ``trials`` simulated runs is highest. Fixing k in
+  advance spares :func:`audit_scores` the Bonferroni correction of trying several.
+  """
+  m = num_canaries
+  if candidates is None:
+    fractions = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2)
+    candidates = sorted({max(1, round(m * f)) for f in fractions if 2 * round(m * f) <= m})
+  rng = np.random.default_rng(seed)
+  results: dict[int, list[float]] = {k: [] for k in candidates}
+  for _ in range(trials):
+    included = rng.random(m) < 0.5
+    x = (rng.random((steps, m)) < sampling_prob) & included
+    x = x + noise_multiplier * rng.standard_normal((steps, m))
+    order = np.argsort(-canary_llr_scores(x, sampling_prob, noise_multiplier))
+    for k in candidates:
+      right = int(included[order[:k]].sum() + (~included[order[m - k :]]).sum())
+      results[k].append(gdp_one_run_mu(m, right, 2 * k, confidence))
+  return max(candidates, key=lambda k: (np.median(results[k]), -k))
+
+
 # -- epsilon lower bounds: many runs -------------------------------------------------------
 
 
@@ -628,7 +663,7 @@ def white_box_audit(
   ``steps`` steps of the ``mechanism`` ("correct": jaxdp's step; or one of
   ``BROKEN_MECHANISMS``); every step's release on the canary coordinates is observed,
   scored with :func:`canary_llr_scores` under the CLAIMED mechanism, and audited with
-  :func:`audit_scores`.
+  :func:`audit_scores` at one guess count fixed in advance (:func:`plan_guess_count`).
 
   Args:
     loss_fn: the model's per-example loss ``loss_fn(model_params, example, rng)``.
@@ -687,7 +722,10 @@ def white_box_audit(
   )
   obs = canary_observations(iterates, b, clip)
   scores = canary_llr_scores(obs, sampling_prob, privacy.noise_multiplier)
-  out = audit_scores(scores, included, delta, confidence=confidence)
+  k = plan_guess_count(
+    num_canaries, sampling_prob, privacy.noise_multiplier, steps, delta, confidence=confidence
+  )
+  out = audit_scores(scores, included, delta, confidence=confidence, guess_counts=[k])
   claimed = accounting.epsilon(
     accounting.dpsgd_event(sampling_prob, privacy.noise_multiplier, steps), delta
   )

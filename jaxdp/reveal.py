@@ -10,6 +10,8 @@ while :mod:`jaxdp.audit` gives the numbers.
 References:
   Simonyan, Vedaldi, Zisserman, "Deep inside convolutional networks: visualising image
   classification models and saliency maps", ICLR workshop 2014, arXiv:1312.6034.
+  Smilkov, Thorat, Kim, Viegas, Wattenberg, "SmoothGrad: removing noise by adding noise",
+  2017, arXiv:1706.03825.
   Fredrikson, Jha, Ristenpart, "Model inversion attacks that exploit confidence information
   and basic countermeasures", CCS 2015.
 """
@@ -64,8 +66,19 @@ def per_example_losses(
   )
 
 
-def saliency_maps(model: nn.Module, params: PyTree, images: Any, labels: Any) -> np.ndarray:
-  """|d logit_y / d x| per pixel (summed over channels), each map scaled to max 1.
+def saliency_maps(
+  model: nn.Module,
+  params: PyTree,
+  images: Any,
+  labels: Any,
+  *,
+  samples: int = 32,
+  noise: float = 0.15,
+  seed: int = 0,
+) -> np.ndarray:
+  """|d logit_y / d x| per pixel (summed over channels), averaged over ``samples`` copies
+  of each input with Gaussian noise of std ``noise`` (SmoothGrad, Smilkov et al. 2017;
+  ``samples=1, noise=0`` is the plain gradient of Simonyan et al.), each map scaled to max 1.
 
   Returns:
     (n, H, W) maps in [0, 1].
@@ -74,8 +87,18 @@ def saliency_maps(model: nn.Module, params: PyTree, images: Any, labels: Any) ->
   def one(x: jax.Array, y: jax.Array) -> jax.Array:
     return _logits(model, params, x[None])[0, y]
 
-  g = jax.jit(jax.vmap(jax.grad(one)))(jnp.asarray(images), jnp.asarray(labels))
-  s = np.abs(np.asarray(g, np.float32)).sum(axis=-1)
+  grad = jax.vmap(jax.grad(one))
+
+  @jax.jit
+  def smooth(x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+    def body(i, acc):
+      z = noise * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+      return acc + jnp.abs(grad(x + z, y))
+
+    return jax.lax.fori_loop(0, samples, body, jnp.zeros_like(x)) / samples
+
+  g = smooth(jnp.asarray(images, jnp.float32), jnp.asarray(labels), jax.random.key(seed))
+  s = np.asarray(g, np.float32).sum(axis=-1)
   return s / np.maximum(s.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
