@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxdp import _validate
 from jaxdp.accounting import EpsilonTracker
+from jaxdp.checkpoint import Checkpointer
 from jaxdp.sampling import PoissonSampler, ShuffledSampler
 from jaxdp.step import Step, TrainState
 
@@ -89,6 +90,7 @@ def train(
   desc: str = "train",
   progress: bool = True,
   refresh_every: int | None = None,
+  checkpoint: Checkpointer | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
   """Runs ``epochs * steps_per_epoch`` logical steps of ``step``.
 
@@ -114,6 +116,10 @@ def train(
     progress: show a tqdm bar per epoch (on stderr).
     refresh_every: read the running means for the bar every this many steps (a device sync);
       defaults to about ten times per epoch.
+    checkpoint: if given, the run starts from its latest checkpoint (state, sampler
+      position, history; ``on_entry`` is not called again for restored epochs) and saves
+      one at the end of every ``checkpoint.every``-th epoch and of the last: a resumed run
+      takes exactly the steps, batches and noise of a straight one.
 
   Returns:
     ``(state, history)``: the final state and one dict per epoch with ``epoch``, ``step``,
@@ -145,11 +151,18 @@ def train(
         f"{tracker.noise_multiplier} vs step {step.privacy.noise_multiplier}"
       )
 
+  history: list[dict[str, float]] = []
+  first = 1
+  restored = checkpoint.restore(state, sampler) if checkpoint is not None else None
+  if restored is not None:
+    state, done_epochs, history = restored
+    if done_epochs > epochs:
+      raise ValueError(f"the checkpoint is at epoch {done_epochs}, beyond epochs={epochs}")
+    first = done_epochs + 1
   start_step = int(state.step)
   done = 0
-  history: list[dict[str, float]] = []
   t0 = time.perf_counter()
-  for epoch in range(1, epochs + 1):
+  for epoch in range(first, epochs + 1):
     sums: dict[str, jax.Array] = {"n": jnp.zeros(()), "aux_n": jnp.zeros(())}
     aux_keys: list[str] = []
     last_norms = None
@@ -200,6 +213,8 @@ def train(
     history.append(entry)
     if on_entry is not None:
       on_entry(entry)
+    if checkpoint is not None and checkpoint.due(epoch, epochs):
+      checkpoint.save(epoch, state, sampler, history)
   return state, history
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -147,9 +148,18 @@ class RunFolder:
   """
 
   def __init__(
-    self, path: Path, *, delta: float, accountant: str = "pld", tensorboard: bool = False
+    self,
+    path: Path,
+    *,
+    delta: float,
+    accountant: str = "pld",
+    tensorboard: bool = False,
+    checkpoint_every: int = 0,
+    resumed: bool = False,
   ) -> None:
     self.path = Path(path)
+    self.checkpoint_every = checkpoint_every
+    self.resumed = resumed
     self.delta = delta
     self.accountant = accountant
     self.ledger = accounting.PrivacyLedger()
@@ -167,12 +177,22 @@ class RunFolder:
   @classmethod
   def start(cls, cfg: Any, tag: str) -> RunFolder:
     """The run folder of an experiment's config (run, privacy settings): created, with its
-    ``config.json``; warns on stdout when the noise is not secret."""
-    name = cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}" + ("-quick" if cfg.quick else "")
-    run = cls.create(
-      cfg.out, name, delta=cfg.delta, accountant=cfg.accountant, tensorboard=cfg.tensorboard
+    ``config.json``, or with ``--resume`` the existing one (its settings must match);
+    warns on stdout when the noise is not secret."""
+    kwargs = dict(
+      delta=cfg.delta,
+      accountant=cfg.accountant,
+      tensorboard=cfg.tensorboard,
+      checkpoint_every=getattr(cfg, "checkpoint_every", 0),
     )
-    run.write_config(cfg, noise=cfg.noise_mode)
+    if getattr(cfg, "resume", None):
+      run = cls(Path(cfg.resume), resumed=True, **kwargs)
+      run.check_resume(cfg)
+    else:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      name = cfg.name or f"{stamp}-{tag}" + ("-quick" if cfg.quick else "")
+      run = cls.create(cfg.out, name, **kwargs)
+      run.write_config(cfg, noise=cfg.noise_mode)
     if cfg.insecure_reproducible_noise:
       print(
         "WARNING: --insecure-reproducible-noise: the DP noise and batches derive from --seed, "
@@ -180,6 +200,35 @@ class RunFolder:
         flush=True,
       )
     return run
+
+  # Settings that may differ between a run and its resumption.
+  RESUMABLE = ("resume", "progress", "checkpoint_every", "name", "out", "tensorboard")
+
+  def check_resume(self, cfg: Any) -> None:
+    """Raises UsageError unless ``cfg`` is the settings of the run being resumed."""
+    from jaxdp.experiment.cli import UsageError  # cli imports nothing of the run folder
+
+    saved_path = self.path / "config.json"
+    if not saved_path.is_file():
+      raise UsageError(f"--resume: {self.path} is not a run folder (no config.json)")
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(json.dumps(_jsonable(dataclasses.asdict(cfg))))
+    differ = sorted(k for k in now if k not in self.RESUMABLE and k in saved and saved[k] != now[k])
+    if differ:
+      raise UsageError(
+        f"--resume: the flags must be the run's; these differ from {saved_path}: "
+        + ", ".join(f"--{k.replace('_', '-')}" for k in differ)
+      )
+
+  def checkpointer(self, label: str) -> Any:
+    """The resumable checkpoints of model ``label`` (under ``nondp/resume/``: they hold
+    the secret noise key and sampler state), or None when checkpoints are off."""
+    if not (self.checkpoint_every or self.resumed):
+      return None
+    from jaxdp.checkpoint import Checkpointer  # orbax only when asked for
+
+    every = self.checkpoint_every or 10**9
+    return Checkpointer(self.path / NONDP / "resume" / slug(label), every=every)
 
   def stream(self, released: bool) -> MetricStream:
     """The metric stream of released (DP) results, or of non-DP diagnostics."""
@@ -230,6 +279,8 @@ class RunFolder:
     write_json(self.path / "metrics.json", out)
     if nondp:
       write_json(self.file("metrics.json", released=False), nondp)
+    # The resumable checkpoints hold the secret keys: gone once the run is complete.
+    shutil.rmtree(self.path / NONDP / "resume", ignore_errors=True)
     self.released.close()
     self.diagnostics.close()
     return out

@@ -95,6 +95,15 @@ class RunSettings(Settings):
   name: str | None = option(None, "run folder name (default: time and settings)")
   progress: bool = option(True, "progress bars")
   tensorboard: bool = option(False, "also write TensorBoard event files")
+  checkpoint_every: int = option(
+    0,
+    "save each model's state every N epochs under nondp/resume/ (0: off; secret, deleted "
+    "when the run completes)",
+    check="non_negative_int",
+  )
+  resume: str | None = option(
+    None, "continue the run in this folder from its checkpoints (give the run's flags)"
+  )
 
   def check(self) -> None:
     if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):

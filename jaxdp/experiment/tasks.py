@@ -267,17 +267,20 @@ def fit(
       best.update(value=result[select], epoch=epoch, params=_released_params(state))
     return result
 
-  history: list[dict[str, Any]] = []
-
-  def on_entry(row: dict[str, Any]) -> None:
-    """Splits an epoch's entry into the released metrics and the non-DP diagnostics."""
+  def released_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's released metrics: held-out results and epsilon so far (PLD at some
+    epochs); no statistic of the private training batches."""
     shown = {k: v for k, v in row.items() if not k.startswith("train_") and k != "grad_norms"}
     if private and row["epoch"] - 1 in _pld_points(training.epochs):
       event = accounting.dpsgd_event(q, noise.noise_multiplier, int(row["step"]))
       shown["epsilon_pld"] = accounting.epsilon(event, noise.delta, "pld")
-    history.append(shown)
+    return shown
+
+  def on_entry(row: dict[str, Any]) -> None:
+    """Logs an epoch's entry: the released metrics, and the non-DP diagnostics apart."""
     if run is None:
       return
+    shown = released_view(row)
     diag = {k: v for k, v in row.items() if k.startswith("train_") or k == "epoch"}
     if release:
       run.released.log(label, row["step"], shown)
@@ -287,6 +290,9 @@ def fit(
     if "grad_norms" in row:
       run.diagnostics.histogram(label, "per_example_grad_norm", row["step"], row["grad_norms"])
 
+  # A model that selects its best epoch keeps that epoch's parameters in memory only: it is
+  # not checkpointed (a resumed run retrains it).
+  checkpoint = run.checkpointer(label) if run is not None and select is None else None
   state, raw = train(
     step,
     state,
@@ -299,8 +305,12 @@ def fit(
     aux_name=aux_name,
     desc=label,
     progress=progress,
+    checkpoint=checkpoint,
   )
+  if checkpoint is not None:
+    checkpoint.close()
   assert int(state.step) == steps, "the run took other steps than accounted"
+  history = [released_view(row) for row in raw]
   entry["train_time_s"] = raw[-1]["time"]
   entry.update({k: v for k, v in history[-1].items() if k not in ("epoch", "step", "time")})
   released = _released_params(state)
