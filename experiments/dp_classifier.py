@@ -86,6 +86,7 @@ class Config(DataSettings, PrivacySettings, RunSettings):
       momentum=self.momentum,
       ema=self.ema,
       microbatch_size=self.microbatch_size,
+      physical_batch_size=self.physical_batch,
     )
 
 

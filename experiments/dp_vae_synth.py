@@ -108,6 +108,7 @@ def run(cfg: Config) -> dict[str, Any]:
     optimizer="adam",
     ema=cfg.ema,
     microbatch_size=cfg.microbatch_size,
+    physical_batch_size=cfg.physical_batch,
   )
   jobs = cfg.jobs("DP") if cfg.dp else [Job("non-private", False)]
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))

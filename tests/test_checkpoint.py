@@ -1,5 +1,6 @@
 """Checkpoint and resume: a resumed run equals a straight one (parameters, steps, epsilon,
-history), and a checkpoint left half-written is ignored."""
+history), and a checkpoint left half-written is ignored; logical batches in several
+physical batches train the same model."""
 
 from __future__ import annotations
 
@@ -143,3 +144,18 @@ def test_an_experiment_killed_mid_run_resumes_to_the_straight_result(tmp_path, m
   ).read_bytes()
   assert resumed["privacy"]["epsilon_pld"] == straight["privacy"]["epsilon_pld"]
   assert not (folder / "nondp" / "resume").exists()  # the secret state is deleted
+
+
+def test_a_logical_batch_in_several_physical_batches_trains_the_same_model(tmp_path):
+  """--physical-batch splits each Poisson batch into pieces whose clipped sums add up
+  before the one noise draw: the same model as one piece (up to float summation order)."""
+  from test_dp_classifier import SCRIPT, TINY, load_script
+
+  exp = load_script(SCRIPT)
+  args = [*TINY, "--insecure-reproducible-noise", "--no-baseline", "--out", str(tmp_path)]
+  one = exp.main([*args, "--name", "one"])
+  split = exp.main([*args, "--name", "split", "--physical-batch", "24"])
+  (a,), (b,) = one["models"], split["models"]
+  assert b["physical_batch_size"] == 24 < a["expected_batch_size"] < a["physical_batch_size"]
+  assert a["steps"] == b["steps"] and a["epsilon_pld"] == b["epsilon_pld"]
+  assert b["validation_loss"] == pytest.approx(a["validation_loss"], rel=1e-4)

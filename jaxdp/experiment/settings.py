@@ -182,6 +182,12 @@ class PrivacySettings(Settings):
     "auto, none or an integer",
     parse=lambda text: step_lib.parse_microbatch_size(text, "--microbatch-size"),
   )
+  physical_batch: int | None = option(
+    None,
+    "rows per physical batch of a logical (Poisson) batch: a larger logical batch runs as "
+    "several whose clipped sums add up before the one noise draw (default: mean + 4 std)",
+    check="positive_int",
+  )
 
   def check(self) -> None:
     step_lib.check_microbatch_size(self.microbatch_size, flag("microbatch_size"))

@@ -82,6 +82,7 @@ class Training:
   momentum: float | None = None
   ema: float = 0.0  # decay of the released parameter average; 0: the last iterate
   microbatch_size: int | str | None = "auto"
+  physical_batch_size: int | None = None  # None: mean + 4 std of the Poisson batch size
 
   def __post_init__(self) -> None:
     _validate.positive_int("epochs", self.epochs)
@@ -224,7 +225,10 @@ def fit(
   private = noise is not None
   release = private if release is None else release
   sampler = PoissonSampler(
-    n, expected_batch_size=min(training.batch_size, n), seed=keys.seed(f"{label}/batches")
+    n,
+    expected_batch_size=min(training.batch_size, n),
+    physical_batch_size=training.physical_batch_size,
+    seed=keys.seed(f"{label}/batches"),
   )
   q, steps = sampler.sampling_prob, training.epochs * sampler.steps_per_epoch
   entry: dict[str, Any] = {
@@ -234,6 +238,7 @@ def fit(
     "epochs": training.epochs,
     "steps": steps,
     "expected_batch_size": sampler.expected_batch_size,
+    "physical_batch_size": sampler.physical_batch_size,
     "sampling_prob": q,
     "learning_rate": training.lr,
   }
