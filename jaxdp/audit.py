@@ -377,8 +377,9 @@ def audit_scores(
   Returns:
     ``epsilon`` (Steinke et al., valid for any mechanism), ``gdp_mu`` and ``gdp_epsilon``
     (Mahloujifar et al. with the GDP family), the ``k``, ``guesses`` and ``correct`` of
-    each, the ``ceiling`` (Steinke et al. with every guess right, the most m canaries
-    certify, at the same per-k confidence) and ``m``.
+    each, the ``ceiling`` (:func:`one_run_ceiling`: the most m canaries can certify), the
+    ``ceiling_at_k`` and ``gdp_ceiling_at_k`` (both bounds with every guess right at the
+    guess counts tried) and ``m``.
   """
   s = _scores("scores", scores)
   inc = np.asarray(included, bool).ravel()
@@ -403,7 +404,11 @@ def audit_scores(
     if mu > best["gdp_mu"] or "gdp_k" not in best:
       best.update(gdp_mu=mu, gdp_k=k, gdp_correct=right)
   best["gdp_epsilon"] = gdp_epsilon(best["gdp_mu"], delta)
-  best["ceiling"] = max(one_run_epsilon(m, 2 * k, 2 * k, delta, conf) for k in ks)
+  best["ceiling"] = one_run_ceiling(m, delta, confidence)
+  best["ceiling_at_k"] = max(one_run_epsilon(m, 2 * k, 2 * k, delta, conf) for k in ks)
+  best["gdp_ceiling_at_k"] = gdp_epsilon(
+    max(gdp_one_run_mu(m, 2 * k, 2 * k, conf) for k in ks), delta
+  )
   best.update(m=m, delta=delta, confidence=confidence, guess_counts=ks)
   return best
 
@@ -663,7 +668,8 @@ def white_box_audit(
   ``steps`` steps of the ``mechanism`` ("correct": jaxdp's step; or one of
   ``BROKEN_MECHANISMS``); every step's release on the canary coordinates is observed,
   scored with :func:`canary_llr_scores` under the CLAIMED mechanism, and audited with
-  :func:`audit_scores` at one guess count fixed in advance (:func:`plan_guess_count`).
+  :func:`audit_scores` at two guess counts fixed in advance: :func:`plan_guess_count`'s
+  and nearly m / 2.
 
   Args:
     loss_fn: the model's per-example loss ``loss_fn(model_params, example, rng)``.
@@ -722,10 +728,17 @@ def white_box_audit(
   )
   obs = canary_observations(iterates, b, clip)
   scores = canary_llr_scores(obs, sampling_prob, privacy.noise_multiplier)
+  # Two guess counts fixed in advance (Bonferroni over the two): the one that makes the
+  # tightest bound for the claimed mechanism, and nearly m / 2, whose ceiling is near the
+  # highest: a broken mechanism separates the canaries perfectly, and only many guesses
+  # certify more than the claim (at the first count the ceiling can sit below it). It
+  # stays 3 std below m / 2 so that both sides hold that many canaries.
   k = plan_guess_count(
     num_canaries, sampling_prob, privacy.noise_multiplier, steps, delta, confidence=confidence
   )
-  out = audit_scores(scores, included, delta, confidence=confidence, guess_counts=[k])
+  wide = max(1, num_canaries // 2 - 3 * math.ceil(math.sqrt(num_canaries) / 2) - 1)
+  counts = sorted({k, wide})
+  out = audit_scores(scores, included, delta, confidence=confidence, guess_counts=counts)
   claimed = accounting.epsilon(
     accounting.dpsgd_event(sampling_prob, privacy.noise_multiplier, steps), delta
   )
