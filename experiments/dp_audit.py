@@ -54,11 +54,11 @@ from jaxdp import accounting, audit, optim
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder, format_table
-from jaxdp.experiment.settings import DataSettings, RunSettings
+from jaxdp.experiment.settings import DataSettings, Job, RunSettings
 from jaxdp.metrics import classifier_outputs
 from jaxdp.models.classifier import ACTIVATIONS, classifier_loss
 from jaxdp.plots import plot_roc
-from jaxdp.step import DPConfig
+from jaxdp.step import ENGINES, DPConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +76,7 @@ class Config(DataSettings, RunSettings):
   public_size: int = option(10_000, "public examples: the membership-inference pool")
   delta: float = option(1e-5, "delta of every epsilon", check="fraction")
   accountant: str = option("pld", "accountant of the claimed epsilons", choices=("pld", "rdp"))
+  engine: str = option("auto", "per-example clipping engine", choices=ENGINES)
   confidence: float = option(0.95, "confidence of the lower bounds", check="fraction")
   model: str = option("scatter_cnn", "classifier", choices=tasks.CLASSIFIERS)
   activation: str = option("tanh", "activation", choices=tuple(ACTIVATIONS))
@@ -124,7 +125,8 @@ def canary_audits(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
       print(f"{label}: q = {q:.4f}, {steps} steps, sigma {sigma:.4f}, m = {cfg.canaries}")
       res = audit.white_box_audit(
         classifier_loss(model), params, data, num_canaries=cfg.canaries,
-        privacy=DPConfig(l2_norm_clip=cfg.clip, noise_multiplier=sigma), sampling_prob=q,
+        privacy=DPConfig(l2_norm_clip=cfg.clip, noise_multiplier=sigma, engine=cfg.engine),
+        sampling_prob=q,
         steps=steps, model_optimizer=optim.make_optimizer("sgd", cfg.lr, momentum=0.9),
         delta=cfg.delta, mechanism=mechanism, amplitude=cfg.amplitude * cfg.clip,
         has_aux=True, confidence=cfg.confidence, keys=keys, label=label,
@@ -163,15 +165,11 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
   out = []
   for name, eps in levels:
     training = tasks.Training(
-      epochs=cfg.mia_epochs, batch_size=cfg.mia_batch_size, lr=cfg.lr if eps else 0.05,
-      optimizer="sgd", momentum=0.9,
+      epochs=cfg.mia_epochs, batch_size=min(cfg.mia_batch_size, p // 2),
+      lr=cfg.lr if eps else 0.05, optimizer="sgd", momentum=0.9,
     )  # fmt: skip
-    noise = None
-    if eps is not None:
-      q = min(cfg.mia_batch_size, p // 2) / (p // 2)
-      steps = cfg.mia_epochs * round(1 / q)
-      sigma = accounting.calibrate_noise_multiplier(eps, cfg.delta, q, steps, cfg.accountant)
-      noise = tasks.Noise(l2_norm_clip=cfg.clip, noise_multiplier=sigma, delta=cfg.delta)
+    job = Job(name, eps is not None, eps)
+    noise = tasks.calibrate(job, cfg, num_examples=p // 2, training=training)
     phi, losses = np.zeros((k, p)), np.zeros((k, p))
     for i in range(k):
       half = {key: v[inside[i]] for key, v in inputs.items()}

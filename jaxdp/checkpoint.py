@@ -60,6 +60,16 @@ def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:
   }
 
 
+def _arrays(state: TrainState) -> dict[str, Any]:
+  """The state as the array tree orbax stores (the typed key as its raw key data)."""
+  return {
+    "step": state.step,
+    "params": state.params,
+    "opt_state": state.opt_state,
+    "rng": jax.random.key_data(state.rng),
+  }
+
+
 class Checkpointer:
   """Saves a run's state every ``every`` epochs into ``directory`` and restores the latest.
 
@@ -93,12 +103,7 @@ class Checkpointer:
     history: list[dict[str, Any]],
   ) -> None:
     """Writes the checkpoint of the end of ``epoch`` and waits until it is complete."""
-    tree = {
-      "step": state.step,
-      "params": state.params,
-      "opt_state": state.opt_state,
-      "rng": jax.random.key_data(state.rng),
-    }
+    tree = _arrays(state)
     meta = {
       "epoch": epoch,
       "rng_impl": str(jax.random.key_impl(state.rng)),
@@ -124,13 +129,9 @@ class Checkpointer:
     epoch = self.latest_epoch()
     if epoch is None:
       return None
-    template = {
-      "step": state.step,
-      "params": state.params,
-      "opt_state": state.opt_state,
-      "rng": jax.random.key_data(state.rng),
-    }
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(_arrays(state)), meta=ocp.args.JsonRestore()
+    )
     got = self._manager.restore(epoch, args=args)
     tree, meta = got["state"], got["meta"]
     rng = jax.random.wrap_key_data(tree["rng"], impl=meta["rng_impl"])

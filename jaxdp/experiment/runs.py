@@ -37,6 +37,7 @@ from flax import serialization
 
 from jaxdp import accounting, synth
 from jaxdp.data import Dataset
+from jaxdp.experiment.cli import UsageError
 from jaxdp.plots import plot_image_grids
 
 __all__ = ["NONDP", "NONDP_NOTE", "MetricStream", "RunFolder", "format_table", "fresh_dir", "slug"]
@@ -206,8 +207,6 @@ class RunFolder:
 
   def check_resume(self, cfg: Any) -> None:
     """Raises UsageError unless ``cfg`` is the settings of the run being resumed."""
-    from jaxdp.experiment.cli import UsageError  # cli imports nothing of the run folder
-
     saved_path = self.path / "config.json"
     if not saved_path.is_file():
       raise UsageError(f"--resume: {self.path} is not a run folder (no config.json)")
