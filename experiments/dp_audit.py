@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from scipy import special
 
-from jaxdp import accounting, audit, optim
+from jaxdp import accounting, audit, optim, parallel
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder, format_table
@@ -130,6 +130,7 @@ def canary_audits(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
         steps=steps, model_optimizer=optim.make_optimizer("sgd", cfg.lr, momentum=0.9),
         delta=cfg.delta, mechanism=mechanism, amplitude=cfg.amplitude * cfg.clip,
         has_aux=True, confidence=cfg.confidence, keys=keys, label=label,
+        mesh=parallel.mesh_for(cfg.devices, "--devices"),
       )  # fmt: skip
       res.update(label=label, target_epsilon=eps, steps=steps, sampling_prob=q, sigma=sigma)
       print(f"  lower bound {res['epsilon']:.3f} (GDP {res['gdp_epsilon']:.3f}), claimed "
@@ -166,7 +167,7 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
   for name, eps in levels:
     training = tasks.Training(
       epochs=cfg.mia_epochs, batch_size=min(cfg.mia_batch_size, p // 2),
-      lr=cfg.lr if eps else 0.05, optimizer="sgd", momentum=0.9,
+      lr=cfg.lr if eps else 0.05, optimizer="sgd", momentum=0.9, **cfg.step_options(),
     )  # fmt: skip
     job = Job(name, eps is not None, eps)
     noise = tasks.calibrate(job, cfg, num_examples=p // 2, training=training)

@@ -85,8 +85,7 @@ class Config(DataSettings, PrivacySettings, RunSettings):
       optimizer=self.optimizer,
       momentum=self.momentum,
       ema=self.ema,
-      microbatch_size=self.microbatch_size,
-      physical_batch_size=self.physical_batch,
+      **self.step_options(),
     )
 
 

@@ -82,9 +82,12 @@ def run(cfg: Config) -> dict[str, Any]:
   held_out = tasks.classifier_inputs("tf_cnn", others)
   plan: list[tuple[str, tasks.Noise | None, tasks.Training]] = [
     ("non-private", None, tasks.Training(epochs=cfg.baseline_epochs, batch_size=256,
-                                         lr=cfg.baseline_lr, momentum=0.9)),
+                                         lr=cfg.baseline_lr, momentum=0.9,
+                                         **cfg.step_options())),
   ]  # fmt: skip
-  training = tasks.Training(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.9)
+  training = tasks.Training(
+    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.9, **cfg.step_options()
+  )
   for job in cfg.jobs("DP-SGD"):
     plan.append(
       (job.label, tasks.calibrate(job, cfg, num_examples=half, training=training), training)

@@ -107,8 +107,7 @@ def run(cfg: Config) -> dict[str, Any]:
     lr=cfg.lr,
     optimizer="adam",
     ema=cfg.ema,
-    microbatch_size=cfg.microbatch_size,
-    physical_batch_size=cfg.physical_batch,
+    **cfg.step_options(),
   )
   jobs = cfg.jobs("DP") if cfg.dp else [Job("non-private", False)]
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))

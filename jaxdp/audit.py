@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from scipy import optimize, special, stats
 
-from jaxdp import _validate, accounting, sampling
+from jaxdp import _validate, accounting, parallel, sampling
 from jaxdp.clipping import reference
 from jaxdp.clipping._common import ClippedSum
 from jaxdp.keys import KeySource
@@ -610,6 +610,7 @@ def make_broken_step(
   *,
   expected_batch_size: float,
   has_aux: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Step:
   """A private step with a deliberate bug, for audits and their tests: ``"no_clipping"``
   (per-example gradients summed unclipped; the noise still calibrated to C) or
@@ -619,7 +620,7 @@ def make_broken_step(
   if sensitivity(privacy.l2_norm_clip) <= 0:
     raise ValueError("privacy.l2_norm_clip must be > 0")
   return _BrokenStep(
-    kind, loss_fn, optimizer, privacy, expected_batch_size, has_aux, microbatch_size=None
+    kind, loss_fn, optimizer, privacy, expected_batch_size, has_aux, microbatch_size=None, mesh=mesh
   )
 
 
@@ -659,6 +660,7 @@ def white_box_audit(
   confidence: float = 0.95,
   keys: KeySource | None = None,
   label: str = "white-box audit",
+  mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
   """A one-run white-box audit of DP-SGD: one training run with m gradient canaries.
 
@@ -688,6 +690,7 @@ def white_box_audit(
     keys: the run's key source (the canaries' inclusion, the batches and the noise); None
       draws them from the OS.
     label: the run's name in ``keys`` (each run of one key source needs its own).
+    mesh: the devices each step's rows are split over (:func:`jaxdp.parallel.data_mesh`).
 
   Returns:
     :func:`audit_scores`'s result plus ``claimed_epsilon`` (PLD), ``mechanism``,
@@ -712,15 +715,20 @@ def white_box_audit(
   data["canary"] = np.concatenate([np.full(n_real, -1, np.int32), chosen.astype(np.int32)])
   n = n_real + len(chosen)
   sampler = sampling.PoissonSampler(
-    n, sampling_prob=sampling_prob, seed=source.seed(f"{label}/batches")
+    n,
+    sampling_prob=sampling_prob,
+    row_multiple=parallel.row_multiple(mesh),
+    seed=source.seed(f"{label}/batches"),
   )
   b = sampler.expected_batch_size
   loss = canary_loss(loss_fn, amplitude, has_aux=has_aux)
   opt = canary_optimizer(model_optimizer)
   if mechanism == "correct":
-    step = make_step(loss, opt, privacy, expected_batch_size=b, has_aux=has_aux)
+    step = make_step(loss, opt, privacy, expected_batch_size=b, has_aux=has_aux, mesh=mesh)
   else:
-    step = make_broken_step(mechanism, loss, opt, privacy, expected_batch_size=b, has_aux=has_aux)
+    step = make_broken_step(
+      mechanism, loss, opt, privacy, expected_batch_size=b, has_aux=has_aux, mesh=mesh
+    )
   params = {"model": model_params, "audit": jnp.zeros((num_canaries,), jnp.float32)}
   state = init_state(params, opt, source.key(f"{label}/noise"))
   _, iterates = observe_canaries(

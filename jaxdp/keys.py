@@ -34,9 +34,22 @@ __all__ = ["KeySource", "secure_key", "secure_seed"]
 _NOISE_DOMAIN = 0x6A617864  # "jaxd"
 
 
+def _entropy_128() -> int:
+  """128 bits from the OS's secure source; with several JAX processes (hosts), process 0's
+  bits on every process, so that all draw the same batches and the same noise."""
+  bits = secrets.randbits(128)
+  if jax.process_count() == 1:
+    return bits
+  from jax.experimental import multihost_utils
+
+  words = np.array([(bits >> (32 * i)) & 0xFFFFFFFF for i in range(4)], np.uint32)
+  words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+  return sum(int(w) << (32 * i) for i, w in enumerate(words))
+
+
 def secure_seed() -> np.random.SeedSequence:
   """A NumPy seed of 128 bits from the OS's secure source (for a sampler's generator)."""
-  return np.random.SeedSequence(secrets.randbits(128))
+  return np.random.SeedSequence(_entropy_128())
 
 
 def _key_from(seq: np.random.SeedSequence) -> jax.Array:
@@ -81,7 +94,7 @@ class KeySource:
 
   def __init__(self, insecure_seed: int | None = None) -> None:
     if insecure_seed is None:
-      self._entropy: int | list[int] = secrets.randbits(128)
+      self._entropy: int | list[int] = _entropy_128()
     else:
       _validate.non_negative_int("insecure_seed", insecure_seed)
       self._entropy = [insecure_seed, _NOISE_DOMAIN]

@@ -68,6 +68,8 @@ class PoissonSampler:
     expected_batch_size: q * N; give this or ``sampling_prob``.
     sampling_prob: q in (0, 1]; give this or ``expected_batch_size``.
     physical_batch_size: the fixed shape the step sees; default mean + 4 std.
+    row_multiple: the physical batch size is rounded up to a multiple of this (the devices
+      a sharded step splits its rows over; :func:`jaxdp.parallel.row_multiple`).
     seed: seeds the host generator. None (the default) draws a secret seed from the OS
       (:func:`jaxdp.keys.secure_seed`): which examples a step used is part of the privacy
       mechanism and must not be derivable from anything released. An int or a
@@ -88,9 +90,11 @@ class PoissonSampler:
     expected_batch_size: float | None = None,
     sampling_prob: float | None = None,
     physical_batch_size: int | None = None,
+    row_multiple: int = 1,
     seed: int | np.random.SeedSequence | None = None,
   ) -> None:
     _validate.positive_int("num_examples", num_examples)
+    _validate.positive_int("row_multiple", row_multiple)
     if (expected_batch_size is None) == (sampling_prob is None):
       raise ValueError("give exactly one of expected_batch_size and sampling_prob")
     if sampling_prob is None:
@@ -110,7 +114,8 @@ class PoissonSampler:
         default_physical_batch_size(self.expected_batch_size, self.sampling_prob),
         max(8, math.ceil(num_examples / 8) * 8),
       )
-    self.physical_batch_size = _validate.positive_int("physical_batch_size", physical_batch_size)
+    _validate.positive_int("physical_batch_size", physical_batch_size)
+    self.physical_batch_size = -(-physical_batch_size // row_multiple) * row_multiple
     self._rng = np.random.default_rng(secure_seed() if seed is None else seed)
 
   @property

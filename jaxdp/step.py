@@ -13,6 +13,11 @@ state is split every step into the per-example keys and the noise key, so noise 
 reused. The step compiles once per physical batch shape; a Poisson draw larger than the
 physical batch is split over several physical batches whose clipped sums are accumulated
 before the noise is added once (:meth:`Step.run`).
+
+With a ``mesh`` (:func:`jaxdp.parallel.data_mesh`) the rows of each physical batch are split
+over its devices: each device gathers and clips its own rows, one all-reduce adds the
+clipped sums, and the noise is drawn once, after it, from the step's one noise key; the
+state stays replicated, identical on every device (:mod:`jaxdp.parallel`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
-from jaxdp import _cpu_flags, _validate
+from jaxdp import _cpu_flags, _validate, parallel
 from jaxdp.clipping import fast, reference
 from jaxdp.clipping._common import (
   ClippedSum,
@@ -38,6 +44,7 @@ from jaxdp.clipping._common import (
 )
 from jaxdp.keys import secure_key
 from jaxdp.noise import privatize
+from jaxdp.parallel import DATA_AXIS
 
 PyTree = Any
 ENGINES = ("auto", "fast", "reference")
@@ -222,7 +229,11 @@ class Step:
     expected_batch_size: float | None,
     has_aux: bool,
     microbatch_size: int | str | None = "auto",
+    mesh: jax.sharding.Mesh | None = None,
   ) -> None:
+    if mesh is not None and DATA_AXIS not in mesh.shape:
+      raise ValueError(f"mesh must have an axis named {DATA_AXIS!r}, got axes {mesh.axis_names}")
+    self.mesh = mesh
     self.loss_fn = loss_fn
     self.optimizer = optimizer
     self.privacy = privacy
@@ -244,6 +255,15 @@ class Step:
     self._finish = _Jit(self._finish_impl, options)
 
   @property
+  def num_devices(self) -> int:
+    """How many devices the rows of a physical batch are split over (1 without a mesh)."""
+    return parallel.row_multiple(self.mesh)
+
+  def place(self, tree: PyTree) -> PyTree:
+    """``tree`` (a state, the dataset) replicated on the step's mesh; as is without one."""
+    return parallel.replicate(tree, self.mesh)
+
+  @property
   def engine(self) -> str:
     """'fast', 'reference', or 'none' for the non-private step."""
     return "none" if self.privacy is None else self.privacy.resolved_engine
@@ -261,8 +281,11 @@ class Step:
     row keeps the key it has without microbatching.
     """
     mask = jnp.asarray(mask).astype(bool)
+    return self._clipped_rows(params, batch, mask, stack_rngs(rng, mask.shape[0]))
+
+  def _clipped_rows(self, params, batch, mask, rngs) -> ClippedSum:
+    """:meth:`clipped_sum` with one given key per row."""
     p = mask.shape[0]
-    rngs = stack_rngs(rng, p)
     m = microbatch_rows(self.microbatch_size, p)
     if m is None or p <= m:
       return self._sum_rows(params, batch, mask, rngs)
@@ -294,6 +317,42 @@ class Step:
       cat(*[cs.losses for cs in parts]),
       jax.tree_util.tree_map(cat, *[cs.aux for cs in parts]),
     )
+
+  def _all_reduce(self, tree: PyTree) -> PyTree:
+    """The sum over the mesh's devices of each device's ``tree`` (inside ``shard_map``).
+
+    The leaves travel as one flat vector: one all-reduce per step, not one per leaf.
+    """
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.psum(flat, DATA_AXIS))
+
+  def _batch_sum(self, params, data, indices, mask, rng) -> ClippedSum:
+    """:meth:`clipped_sum` of the batch ``data[indices]``, its rows split over the mesh.
+
+    Row i gets the key it has on one device, ``split(rng, P)[i]``; each device clips its
+    rows and the clipped sums meet in one all-reduce. Norms, factors, losses and aux come
+    back in row order, sharded like the rows.
+    """
+    mask = jnp.asarray(mask).astype(bool)
+    if self.mesh is None:
+      return self.clipped_sum(params, _gather(data, indices), mask, rng)
+    rows = jax.sharding.PartitionSpec(DATA_AXIS)
+    whole = jax.sharding.PartitionSpec()
+
+    def local(params, data, indices, mask, rngs):
+      cs = self._clipped_rows(params, _gather(data, indices), mask, rngs)
+      return cs._replace(sum_of_clipped_grads=self._all_reduce(cs.sum_of_clipped_grads))
+
+    sharded = jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=(whole, whole, rows, rows, rows),
+      out_specs=ClippedSum(whole, rows, rows, rows, rows),
+      # The engines' loops carry replicated params beside per-device rows, which the
+      # varying-axis type check rejects; the one cross-device op is the psum above.
+      check_vma=False,
+    )
+    return sharded(params, data, indices, mask, stack_rngs(rng, mask.shape[0]))
 
   def _sum_rows(self, params, batch, mask, rngs) -> ClippedSum:
     if self.privacy is None:
@@ -351,9 +410,7 @@ class Step:
     self.trace_count += 1
     rng, example_key, noise_key = self._keys(state)
     mask = jnp.asarray(mask).astype(bool)
-    cs = self.clipped_sum(
-      state.params, _gather(data, indices), mask, jax.random.fold_in(example_key, 0)
-    )
+    cs = self._batch_sum(state.params, data, indices, mask, jax.random.fold_in(example_key, 0))
     params, opt_state = self._update(state, cs.sum_of_clipped_grads, jnp.sum(mask), noise_key)
     metrics = _batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
@@ -363,9 +420,7 @@ class Step:
   def _chunk_impl(self, state, data, indices, mask, chunk):
     _, example_key, _ = self._keys(state)
     mask = jnp.asarray(mask).astype(bool)
-    cs = self.clipped_sum(
-      state.params, _gather(data, indices), mask, jax.random.fold_in(example_key, chunk)
-    )
+    cs = self._batch_sum(state.params, data, indices, mask, jax.random.fold_in(example_key, chunk))
     stats = _batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       stats["aux"] = cs.aux
@@ -395,13 +450,23 @@ class Step:
       grad_norms (padding rows 0) (and ``aux`` with has_aux). All are statistics of the
       private batch without noise: diagnostics, never to be released.
     """
-    return self._fused(state, data, indices, mask)
+    self._check_rows(indices)
+    return self._fused(*self._placed(state, data), indices, mask)
+
+  def _check_rows(self, indices: Any) -> None:
+    parallel.check_rows(int(np.shape(indices)[0]), self.mesh)
+
+  def _placed(self, state: TrainState, data: PyTree) -> tuple[TrainState, PyTree]:
+    if self.mesh is None:
+      return state, data
+    return self.place(state), self.place(data)
 
   def lower(
     self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
   ) -> jax.stages.Lowered:
     """The lowered fused step (e.g. ``.compile().memory_analysis()``); cached with the step."""
-    return self._fused.lower(state, data, indices, mask)
+    self._check_rows(indices)
+    return self._fused.lower(*self._placed(state, data), indices, mask)
 
   def run(
     self, state: TrainState, data: PyTree, batches: Sequence[tuple[np.ndarray, np.ndarray]]
@@ -416,6 +481,9 @@ class Step:
     """
     if len(batches) == 1:
       return self(state, data, *batches[0])
+    for indices, _ in batches:
+      self._check_rows(indices)
+    state, data = self._placed(state, data)
     summed, stats = None, []
     for chunk, (indices, mask) in enumerate(batches):
       part, st = self._chunk(state, data, indices, mask, chunk)
@@ -446,6 +514,7 @@ def make_step(
   expected_batch_size: float | None = None,
   has_aux: bool = False,
   microbatch_size: int | str | None = "auto",
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Step:
   """Builds the one jitted training step.
 
@@ -461,7 +530,11 @@ def make_step(
     microbatch_size: rows per sequential microbatch inside one jitted step (same numbers,
       the working memory of one microbatch), None for none, or "auto":
       ``AUTO_MICROBATCH[backend]`` rows (256 on CPU, where it also runs faster; no split
-      elsewhere), in at most ``MAX_AUTO_MICROBATCHES`` microbatches.
+      elsewhere), in at most ``MAX_AUTO_MICROBATCHES`` microbatches (of each device's rows).
+    mesh: a device mesh with a ``"data"`` axis (:func:`jaxdp.parallel.data_mesh`) to split
+      each physical batch's rows over (their number must be a multiple of its size), or None
+      for one device. The state and the data are replicated on it
+      (:meth:`Step.place`); the results equal one device's up to float summation order.
 
   Returns:
     A :class:`Step`: ``step(state, data, indices, mask)`` or ``step.run(state, data, batches)``.
@@ -469,10 +542,11 @@ def make_step(
   Formal guarantees:
     The update of a private step depends on the batch only through the clipped sum, whose
     sensitivity to adding or removing one example is ``l2_norm_clip``; the noise has std
-    ``noise_multiplier * l2_norm_clip`` on every coordinate and a fresh key every step.
+    ``noise_multiplier * l2_norm_clip`` on every coordinate and a fresh key every step, and
+    is added once per logical step whatever the number of devices or physical batches.
 
   Example:
     >>> step = make_step(loss_fn, optax.sgd(0.1), DPConfig(l2_norm_clip=1.0,
     ...                  noise_multiplier=1.1), expected_batch_size=256)  # doctest: +SKIP
   """
-  return Step(loss_fn, optimizer, privacy, expected_batch_size, has_aux, microbatch_size)
+  return Step(loss_fn, optimizer, privacy, expected_batch_size, has_aux, microbatch_size, mesh)

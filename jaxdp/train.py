@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdp import _validate
+from jaxdp import _validate, parallel
 from jaxdp.accounting import EpsilonTracker
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.sampling import PoissonSampler, ShuffledSampler
@@ -151,6 +151,9 @@ def train(
         f"{tracker.noise_multiplier} vs step {step.privacy.noise_multiplier}"
       )
 
+  parallel.check_rows(sampler.physical_batch_size, step.mesh)
+  # On a mesh, the state and the data are copied to every device once, here.
+  state, data = step.place(state), step.place(data)
   history: list[dict[str, float]] = []
   first = 1
   restored = checkpoint.restore(state, sampler) if checkpoint is not None else None

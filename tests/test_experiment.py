@@ -62,6 +62,9 @@ def test_flags_come_from_the_fields_with_presets_and_types():
     (["--name", "a/b"], "--name must be a plain folder name"),
     (["--target-epsilon", "1", "--epsilons", "2"], "at most one of"),
     (["--bogus"], "unrecognized arguments"),
+    (["--devices", "0"], "--devices must be an integer >= 1"),
+    (["--devices", "99"], "--devices must be between 1 and"),
+    (["--physical-batch", "0"], "--physical-batch must be an integer >= 1"),
   ],
 )
 def test_a_bad_flag_exits_with_one_line(argv, needle, capsys):

@@ -8,17 +8,17 @@ validates its fields in ``__post_init__`` with a message that names the flag:
       epochs: int = option(30, "training epochs")
 
 Fields that change privacy (clip, noise, delta, sampling) live in :class:`PrivacySettings`
-and the training settings; :class:`RunSettings` holds what cannot (folders, progress bars),
-and the seed, which governs only what is public.
+and the training settings; :class:`RunSettings` holds what cannot (folders, progress bars,
+devices and batch splitting), and the seed, which governs only what is public.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from jaxdp import _validate, accounting, data
+from jaxdp import _validate, accounting, data, parallel
 from jaxdp import step as step_lib
 from jaxdp.experiment.cli import flag, option
 from jaxdp.keys import KeySource
@@ -77,7 +77,8 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunSettings(Settings):
-  """Where the run writes and how it shows progress; the public seed."""
+  """Where the run writes and how it shows progress; the public seed; how each step runs
+  (devices, physical batches, microbatches: the same numbers up to float summation order)."""
 
   seed: int = option(
     0,
@@ -104,10 +105,38 @@ class RunSettings(Settings):
   resume: str | None = option(
     None, "continue the run in this folder from its checkpoints (give the run's flags)"
   )
+  devices: int | None = option(
+    None,
+    "devices each step's rows are split over, one all-reduce, noise once (default: all)",
+    check="positive_int",
+  )
+  microbatch_size: int | str | None = option(
+    "auto",
+    "rows per sequential microbatch inside the jitted step (same numbers, less memory): "
+    "auto, none or an integer",
+    parse=lambda text: step_lib.parse_microbatch_size(text, "--microbatch-size"),
+  )
+  physical_batch: int | None = option(
+    None,
+    "rows per physical batch of a logical (Poisson) batch: a larger logical batch runs as "
+    "several whose clipped sums add up before the one noise draw (default: mean + 4 std)",
+    check="positive_int",
+  )
 
   def check(self) -> None:
+    step_lib.check_microbatch_size(self.microbatch_size, flag("microbatch_size"))
+    if self.devices is not None:
+      parallel.resolve_devices(self.devices, flag("devices"))
     if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
       raise ValueError(f"--name must be a plain folder name, got {self.name!r}")
+
+  def step_options(self) -> dict[str, Any]:
+    """The :class:`jaxdp.experiment.tasks.Training` fields of how each step runs."""
+    return {
+      "microbatch_size": self.microbatch_size,
+      "physical_batch_size": self.physical_batch,
+      "devices": self.devices,
+    }
 
   def key_source(self) -> KeySource:
     """Secret keys from the OS; from ``seed`` only with --insecure-reproducible-noise."""
@@ -176,21 +205,8 @@ class PrivacySettings(Settings):
     "pld", "accountant that calibrates the noise (both reported)", choices=accounting.ACCOUNTANTS
   )
   engine: str = option("auto", "per-example clipping engine", choices=step_lib.ENGINES)
-  microbatch_size: int | str | None = option(
-    "auto",
-    "rows per sequential microbatch inside the jitted step (same numbers, less memory): "
-    "auto, none or an integer",
-    parse=lambda text: step_lib.parse_microbatch_size(text, "--microbatch-size"),
-  )
-  physical_batch: int | None = option(
-    None,
-    "rows per physical batch of a logical (Poisson) batch: a larger logical batch runs as "
-    "several whose clipped sums add up before the one noise draw (default: mean + 4 std)",
-    check="positive_int",
-  )
 
   def check(self) -> None:
-    step_lib.check_microbatch_size(self.microbatch_size, flag("microbatch_size"))
     given = [self.noise_multiplier, self.target_epsilon, self.epsilons or None]
     if sum(g is not None for g in given) > 1:
       raise ValueError("give at most one of --noise-multiplier, --target-epsilon, --epsilons")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from jaxdp import _validate, accounting, data, optim, synth
+from jaxdp import _validate, accounting, data, optim, parallel, synth
 from jaxdp.experiment.cli import UsageError, flag, usage_errors
 from jaxdp.experiment.runs import RunFolder, format_table, slug
 from jaxdp.experiment.settings import Job, PrivacySettings, SyntheticSettings
@@ -83,6 +83,7 @@ class Training:
   ema: float = 0.0  # decay of the released parameter average; 0: the last iterate
   microbatch_size: int | str | None = "auto"
   physical_batch_size: int | None = None  # None: mean + 4 std of the Poisson batch size
+  devices: int | None = None  # devices the rows of each step are split over; None: all
 
   def __post_init__(self) -> None:
     _validate.positive_int("epochs", self.epochs)
@@ -224,10 +225,12 @@ def fit(
   n = int(jax.tree_util.tree_leaves(train_data)[0].shape[0])
   private = noise is not None
   release = private if release is None else release
+  mesh = parallel.mesh_for(training.devices, "--devices")
   sampler = PoissonSampler(
     n,
     expected_batch_size=min(training.batch_size, n),
     physical_batch_size=training.physical_batch_size,
+    row_multiple=parallel.row_multiple(mesh),
     seed=keys.seed(f"{label}/batches"),
   )
   q, steps = sampler.sampling_prob, training.epochs * sampler.steps_per_epoch
@@ -239,6 +242,7 @@ def fit(
     "steps": steps,
     "expected_batch_size": sampler.expected_batch_size,
     "physical_batch_size": sampler.physical_batch_size,
+    "devices": parallel.describe(mesh),
     "sampling_prob": q,
     "learning_rate": training.lr,
   }
@@ -260,6 +264,7 @@ def fit(
     expected_batch_size=sampler.expected_batch_size,
     has_aux=has_aux,
     microbatch_size=training.microbatch_size,
+    mesh=mesh,
   )
   state = init_state(params, opt, keys.key(f"{label}/noise"))
   best: dict[str, Any] = {}
