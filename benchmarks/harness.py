@@ -67,11 +67,16 @@ class Case:
   batch: int
   impl: str
   repeat: int = 0
+  devices: int = 1  # jaxdp: devices each physical batch's rows are split over
+  logical: int | None = None  # jaxdp: examples per step, in physical batches of ``batch``
 
   @property
   def id(self) -> str:
-    """The pytest id, e.g. ``tf_cnn-b256-r0-jaxdp_private``."""
-    return f"{self.model}-b{self.batch}-r{self.repeat}-{self.impl}"
+    """The pytest id, e.g. ``tf_cnn-b256-r0-jaxdp_private`` (``-d4``, ``-l4096`` appended)."""
+    extra = (f"-d{self.devices}" if self.devices > 1 else "") + (
+      f"-l{self.logical}" if self.logical else ""
+    )
+    return f"{self.model}-b{self.batch}-r{self.repeat}-{self.impl}{extra}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,10 +255,14 @@ def worker_command(case: Case, plan: Plan) -> list[str]:
   ]
   if case.impl in workers.JAX_IMPLS:  # XLA's buffer plan of the step: free, compiled already
     cmd.append("--xla-memory")
+  if case.devices > 1:
+    cmd.append(f"--devices={case.devices}")
+  if case.logical:
+    cmd.append(f"--logical={case.logical}")
   return cmd
 
 
-def _worker_env(device: str) -> dict[str, str]:
+def _worker_env(device: str, devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
   if env.get("JAXDP_MALLOC", "1") != "0":
     # jaxdp tunes glibc malloc on import; PyTorch gains as much from it, so every worker gets
@@ -262,6 +271,9 @@ def _worker_env(device: str) -> dict[str, str]:
   if device == "cpu":  # keep both frameworks off any GPU the machine may have
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
+    if devices > 1:  # XLA splits the host into that many CPU devices (sharing its cores)
+      flags = env.get("XLA_FLAGS", "")
+      env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   return env
 
 
@@ -288,8 +300,9 @@ def run_check_models(plan: Plan) -> dict[str, Any]:
 
 def run_worker(case: Case, plan: Plan) -> dict[str, Any]:
   """Runs one worker process and returns its result dict (never raises on worker failure)."""
-  env = _worker_env(plan.device)
+  env = _worker_env(plan.device, case.devices)
   base = {"model": case.model, "batch": case.batch, "impl": case.impl, "repeat": case.repeat}
+  base.update(devices=case.devices, logical=case.logical or case.batch)
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(
@@ -322,16 +335,20 @@ ROW_KEYS = ("model", "batch", "impl", "device", "examples_per_s", "min", "max", 
 
 
 def aggregate(results: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
-  """One row per (model, batch, impl): medians over the rounds of all its processes."""
-  groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+  """One row per (model, batch, impl, devices, logical): medians over the rounds of all its
+  processes (rows of one device and one physical batch per step leave the last two out)."""
+  groups: dict[tuple[str, int, str, int, int], list[dict[str, Any]]] = {}
   for r in results:
-    groups.setdefault((r["model"], r["batch"], r["impl"]), []).append(r)
+    key = (r["model"], r["batch"], r["impl"], r.get("devices", 1), r.get("logical") or r["batch"])
+    groups.setdefault(key, []).append(r)
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
   rows = []
-  for (model, batch, impl), rs in groups.items():
+  for (model, batch, impl, devices, logical), rs in groups.items():
     ok = [r for r in rs if "examples_per_s" in r]
     row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
     row.update(model=model, batch=batch, impl=impl, device=plan.device_name)
+    if devices > 1 or logical != batch:
+      row.update(devices=devices, logical=logical)
     if ok:
       rates = [x for r in ok for x in r["rates"]]
       row.update(

@@ -17,6 +17,7 @@ from jaxdp import (
   keys,
   metrics,
   noise,
+  parallel,
   sampling,
 )
 from jaxdp.accounting import (
@@ -62,6 +63,7 @@ __all__ = [
   "make_step",
   "metrics",
   "noise",
+  "parallel",
   "privatize",
   "sampling",
   "secure_key",

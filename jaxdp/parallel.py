@@ -39,6 +39,7 @@ __all__ = [
   "resolve_devices",
   "row_multiple",
   "rows_sharding",
+  "shard_rows",
 ]
 
 PyTree = Any
@@ -94,8 +95,9 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
   if isinstance(x, jax.Array) and x.sharding == sharding:
     return x
   if jax.process_count() > 1:
-    # Every process holds the same value; the global array is built from the local copies.
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    # Every process holds the whole value; each fills in its own devices' pieces.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.device_put(x, sharding)
 
 
@@ -104,6 +106,12 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
   if mesh is None:
     return tree
   sharding = replicated_sharding(mesh)
+  return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
+
+
+def shard_rows(tree: PyTree, mesh: Mesh) -> PyTree:
+  """``tree``'s arrays split along their leading axis over the mesh's ``DATA_AXIS``."""
+  sharding = rows_sharding(mesh)
   return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree)
 
 

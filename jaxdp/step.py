@@ -451,7 +451,7 @@ class Step:
       private batch without noise: diagnostics, never to be released.
     """
     self._check_rows(indices)
-    return self._fused(*self._placed(state, data), indices, mask)
+    return self._fused(*self._placed(state, data), *self._split_rows(indices, mask))
 
   def _check_rows(self, indices: Any) -> None:
     parallel.check_rows(int(np.shape(indices)[0]), self.mesh)
@@ -461,12 +461,18 @@ class Step:
       return state, data
     return self.place(state), self.place(data)
 
+  def _split_rows(self, indices: Any, mask: Any) -> tuple[Any, Any]:
+    """A batch's indices and mask split over the mesh (wherever they were before)."""
+    if self.mesh is None:
+      return indices, mask
+    return parallel.shard_rows((indices, mask), self.mesh)
+
   def lower(
     self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
   ) -> jax.stages.Lowered:
     """The lowered fused step (e.g. ``.compile().memory_analysis()``); cached with the step."""
     self._check_rows(indices)
-    return self._fused.lower(*self._placed(state, data), indices, mask)
+    return self._fused.lower(*self._placed(state, data), *self._split_rows(indices, mask))
 
   def run(
     self, state: TrainState, data: PyTree, batches: Sequence[tuple[np.ndarray, np.ndarray]]
@@ -486,17 +492,18 @@ class Step:
     state, data = self._placed(state, data)
     summed, stats = None, []
     for chunk, (indices, mask) in enumerate(batches):
-      part, st = self._chunk(state, data, indices, mask, chunk)
+      part, st = self._chunk(state, data, *self._split_rows(indices, mask), chunk)
       summed = part if summed is None else jax.tree_util.tree_map(jnp.add, summed, part)
       stats.append(st)
-    n_real = sum(st["batch_size"] for st in stats)
+    # Everything stays on the device: no host sync between the physical batches.
+    w = jnp.stack([jnp.asarray(st["batch_size"], jnp.float32) for st in stats])
+    n_real = jnp.sum(w)
     new_state = self._finish(state, summed, n_real)
-    w = np.array([float(st["batch_size"]) for st in stats])
-    total = max(w.sum(), 1.0)
     metrics: dict[str, Any] = {"batch_size": n_real}
     for k in stats[0]:
       if k not in ("batch_size", "aux", "grad_norms"):
-        metrics[k] = float(sum(float(st[k]) * wi for st, wi in zip(stats, w, strict=True)) / total)
+        values = jnp.stack([jnp.asarray(st[k], jnp.float32) for st in stats])
+        metrics[k] = jnp.sum(values * w) / jnp.maximum(n_real, 1.0)
     # Per-row values in the order of the physical batches, padding rows included.
     cat = lambda *xs: jnp.concatenate(xs, axis=0)
     if "grad_norms" in stats[0]:

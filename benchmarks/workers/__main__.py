@@ -36,6 +36,14 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--round-seconds", type=float, default=1.0, help="target duration of a round")
   p.add_argument("--min-steps", type=_positive_int("--min-steps"), default=2)
   p.add_argument("--max-steps", type=_positive_int("--max-steps"), default=10_000)
+  p.add_argument(
+    "--devices", type=_positive_int("--devices"), default=1, help="jaxdp: devices of the mesh"
+  )
+  p.add_argument(
+    "--logical",
+    type=_positive_int("--logical"),
+    help="jaxdp: examples per logical step, in physical batches of --batch (a multiple of it)",
+  )
   p.add_argument("--xla-memory", action="store_true", help="JAX: also report XLA's buffer plan")
   p.add_argument("--check-models", action="store_true", help="compare torch and flax models")
   return p
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
   else:
     if args.round_seconds <= 0:
       parser().error(f"--round-seconds must be > 0, got {args.round_seconds}")
+    if (args.devices > 1 or args.logical) and not args.impl.startswith("jaxdp_"):
+      parser().error("--devices and --logical apply to the jaxdp implementations only")
+    if args.logical and args.logical % args.batch:
+      parser().error(f"--logical must be a multiple of --batch, got {args.logical}")
     result = run(args)
   print(RESULT_PREFIX + json.dumps(result), flush=True)
   return 0

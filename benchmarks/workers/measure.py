@@ -20,14 +20,17 @@ from benchmarks.workers.common import (
 )
 
 
-def build(impl: str, model_name: str, batch: int, device: str) -> Runner:
-  """The :class:`Runner` of ``impl`` on ``model_name`` at ``batch``, from its peer's module."""
+def build(
+  impl: str, model_name: str, batch: int, device: str, devices: int = 1, logical: int | None = None
+) -> Runner:
+  """The :class:`Runner` of ``impl`` on ``model_name`` at ``batch``, from its peer's module
+  (jaxdp's: on ``devices`` devices, ``logical`` examples per step in physical batches)."""
   if impl in JAX_IMPLS:
     from benchmarks.workers import jax_peers, jax_setup, jaxdp_impl
 
     s = jax_setup.setup(model_name, batch, device)
     if impl.startswith("jaxdp_"):
-      built = jaxdp_impl.build(s, impl)
+      built = jaxdp_impl.build(s, impl, devices=devices, logical=logical)
     else:
       built = jax_peers.optax_dp(s) if impl == "optax_dp" else jax_peers.jax_privacy(s)
     return jax_setup.runner(s, *built)
@@ -158,19 +161,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     "batch": args.batch,
     "impl": args.impl,
     "device": args.device,
+    "devices": args.devices,
+    "logical": args.logical or args.batch,
     "pid": os.getpid(),
     # glibc malloc settings the process started with (the harness gives all workers the same).
     "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
   }
   try:
     t0 = time.perf_counter()
-    runner = build(args.impl, args.model, args.batch, args.device)
+    runner = build(args.impl, args.model, args.batch, args.device, args.devices, args.logical)
     result.update(framework=runner.framework, device_name=runner.device_name, **runner.info)
     result["build_s"] = time.perf_counter() - t0  # imports, data, model, optimiser
     result.update(
       measure(
         runner,
-        args.batch,
+        args.logical or args.batch,
         rounds=args.rounds,
         warmup=args.warmup,
         round_seconds=args.round_seconds,
