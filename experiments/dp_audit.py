@@ -41,6 +41,7 @@ import jaxdp  # noqa: F401
 
 # isort: split
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -105,9 +106,9 @@ class Config(DataSettings, RunSettings):
       raise ValueError("--epsilons and --mia-epsilons must be finite numbers > 0")
 
 
-def canary_audits(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
+def canary_audits(cfg: Config, splits: Any, keys: Any, out: RunFolder) -> list[dict[str, Any]]:
   """The white-box one-run audits: correct step at each claimed epsilon, broken steps at the
-  first, ``cfg.seeds`` runs each."""
+  first, ``cfg.seeds`` runs each (each run a resumable job of ``out``)."""
   model = tasks.make_classifier(cfg.model, splits.num_classes, cfg.activation)
   data = jax.device_get(tasks.classifier_inputs(cfg.model, splits.private))
   params = jax.jit(model.init)(jax.random.key(cfg.seed), data["image"][:1])["params"]
@@ -116,6 +117,18 @@ def canary_audits(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
   plan = [("correct", e, cfg.epochs) for e in cfg.epsilons]
   if cfg.broken:
     plan += [(kind, cfg.epsilons[0], cfg.broken_epochs) for kind in audit.BROKEN_MECHANISMS]
+  mesh = parallel.mesh_for(cfg.devices, "--devices")
+
+  def one_run(label: str, mechanism: str, sigma: float, steps: int) -> dict[str, Any]:
+    return audit.white_box_audit(
+      classifier_loss(model), params, data, num_canaries=cfg.canaries,
+      privacy=DPConfig(l2_norm_clip=cfg.clip, noise_multiplier=sigma, engine=cfg.engine),
+      sampling_prob=q, steps=steps,
+      model_optimizer=optim.make_optimizer("sgd", cfg.lr, momentum=0.9),
+      delta=cfg.delta, mechanism=mechanism, amplitude=cfg.amplitude * cfg.clip,
+      has_aux=True, confidence=cfg.confidence, keys=keys, label=label, mesh=mesh,
+    )  # fmt: skip
+
   rows = []
   for mechanism, eps, epochs in plan:
     steps = epochs * round(1 / q)
@@ -123,15 +136,7 @@ def canary_audits(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
     for seed in range(cfg.seeds):
       label = f"{mechanism} eps={eps:g} run {seed + 1}"
       print(f"{label}: q = {q:.4f}, {steps} steps, sigma {sigma:.4f}, m = {cfg.canaries}")
-      res = audit.white_box_audit(
-        classifier_loss(model), params, data, num_canaries=cfg.canaries,
-        privacy=DPConfig(l2_norm_clip=cfg.clip, noise_multiplier=sigma, engine=cfg.engine),
-        sampling_prob=q,
-        steps=steps, model_optimizer=optim.make_optimizer("sgd", cfg.lr, momentum=0.9),
-        delta=cfg.delta, mechanism=mechanism, amplitude=cfg.amplitude * cfg.clip,
-        has_aux=True, confidence=cfg.confidence, keys=keys, label=label,
-        mesh=parallel.mesh_for(cfg.devices, "--devices"),
-      )  # fmt: skip
+      res = out.cached(label, functools.partial(one_run, label, mechanism, sigma, steps))
       res.update(label=label, target_epsilon=eps, steps=steps, sampling_prob=q, sigma=sigma)
       print(f"  lower bound {res['epsilon']:.3f} (GDP {res['gdp_epsilon']:.3f}), claimed "
             f"{res['claimed_epsilon']:.3f}, ceiling {res['ceiling']:.3f}")  # fmt: skip
@@ -150,9 +155,10 @@ def balanced_shadows(shadow_in: np.ndarray, rng: np.random.Generator) -> np.ndar
   return used
 
 
-def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]]:
+def membership_study(cfg: Config, splits: Any, keys: Any, out: RunFolder) -> list[dict[str, Any]]:
   """Loss-threshold and LiRA attacks on classifiers trained on random halves of the public
-  pool, at each privacy level; every model is once the target, the others its shadows."""
+  pool, at each privacy level; every model is once the target, the others its shadows (each
+  model a resumable job of ``out``)."""
   pool = splits.public
   p, k = len(pool), cfg.mia_models
   rng = np.random.default_rng([cfg.seed, 7])  # public: which pool examples each model sees
@@ -163,7 +169,7 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
   inputs = tasks.classifier_inputs(cfg.model, pool)
   labels = np.asarray(pool.labels)
   levels = [("non-private", None), *[(f"DP eps={e:g}", e) for e in cfg.mia_epsilons]]
-  out = []
+  results = []
   for name, eps in levels:
     training = tasks.Training(
       epochs=cfg.mia_epochs, batch_size=min(cfg.mia_batch_size, p // 2),
@@ -171,16 +177,26 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
     )  # fmt: skip
     job = Job(name, eps is not None, eps)
     noise = tasks.calibrate(job, cfg, num_examples=p // 2, training=training)
-    phi, losses = np.zeros((k, p)), np.zeros((k, p))
-    for i in range(k):
+
+    def scored(i: int, label: str, training=training, noise=noise) -> dict[str, Any]:
+      """Model i's confidences and losses on the whole pool, and its epsilon."""
       half = {key: v[inside[i]] for key, v in inputs.items()}
       t = tasks.train_classifier(
-        f"{name} model {i + 1}", model, half, training, noise=noise, keys=keys,
+        label, model, half, training, noise=noise, keys=keys,
         init_key=jax.random.key(cfg.seed + i), progress=cfg.progress,
       )  # fmt: skip
       logits = np.asarray(classifier_outputs(model, t.params, inputs["image"])[1], np.float64)
-      phi[i] = audit.logit_confidence(logits, labels)
-      losses[i] = special.logsumexp(logits, axis=-1) - logits[np.arange(p), labels]
+      return {
+        "phi": audit.logit_confidence(logits, labels),
+        "loss": special.logsumexp(logits, axis=-1) - logits[np.arange(p), labels],
+        "epsilon": t.entry.get("epsilon_pld"),
+      }
+
+    phi, losses = np.zeros((k, p)), np.zeros((k, p))
+    for i in range(k):
+      label = f"{name} model {i + 1}"
+      got = out.cached(label, functools.partial(scored, i, label))
+      phi[i], losses[i] = got["phi"], got["loss"]
     scores = {"loss threshold": [], "LiRA online": [], "LiRA offline": []}
     member = []
     for i in range(k):
@@ -193,7 +209,7 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
         scores[key].append(s)
       member.append(inside[i])
     member = np.concatenate(member)
-    row: dict[str, Any] = {"level": name, "epsilon": noise and t.entry["epsilon_pld"]}
+    row: dict[str, Any] = {"level": name, "epsilon": got["epsilon"]}
     for key, s in scores.items():
       s = np.concatenate(s)
       pos, neg = s[member], s[~member]
@@ -207,8 +223,8 @@ def membership_study(cfg: Config, splits: Any, keys: Any) -> list[dict[str, Any]
     row["member"] = member
     print(f"{name}: LiRA AUC {row['LiRA online']['auc']:.4f}, loss AUC "
           f"{row['loss threshold']['auc']:.4f}")  # fmt: skip
-    out.append(row)
-  return out
+    results.append(row)
+  return results
 
 
 def status(row: dict[str, Any]) -> str:
@@ -223,8 +239,8 @@ def run(cfg: Config) -> dict[str, Any]:
   splits = tasks.load_data(cfg)
   out = RunFolder.start(cfg, "audit")
   keys = cfg.key_source()
-  white = canary_audits(cfg, splits, keys)
-  mia = membership_study(cfg, splits, keys) if cfg.mia and splits.public is not None else []
+  white = canary_audits(cfg, splits, keys, out)
+  mia = membership_study(cfg, splits, keys, out) if cfg.mia and splits.public is not None else []
   arrays = {}
   for i, r in enumerate(white):
     arrays[f"canary_scores_{i}"], arrays[f"canary_included_{i}"] = (

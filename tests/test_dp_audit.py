@@ -4,6 +4,7 @@ flagged, the correct one holds, the folder holds the table, ROC and raw scores."
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,38 @@ def test_bad_flags_exit_with_one_line(exp, capsys, flags, needle):
     exp.main(flags)
   err = capsys.readouterr().err.strip().splitlines()
   assert needle in err[-1]
+
+
+def test_a_killed_audit_resumes_from_its_finished_runs(exp, tmp_path, monkeypatch):
+  """--checkpoint-every keeps each finished canary run; --resume reads it back instead of
+  running it again, and runs the rest."""
+  flags = [*TINY, "--no-mia", "--seeds", "1", "--checkpoint-every", "1"]
+  flags += ["--out", str(tmp_path), "--name", "k"]
+  real = exp.audit.white_box_audit
+  done: list[str] = []
+
+  def dies_on_the_second(*args, **kwargs):
+    if done:
+      raise KeyboardInterrupt  # the process is killed during the second run
+    done.append(kwargs["label"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(exp.audit, "white_box_audit", dies_on_the_second)
+  with pytest.raises(KeyboardInterrupt):
+    exp.main(flags)
+  kept = list((tmp_path / "k" / "nondp" / "resume").glob("*.pickle"))
+  assert len(kept) == 1 and done == ["correct eps=1 run 1"]
+  first = pickle.loads(kept[0].read_bytes())
+
+  def never_twice(*args, **kwargs):
+    assert kwargs["label"] not in done, "a finished run ran again"
+    done.append(kwargs["label"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(exp.audit, "white_box_audit", never_twice)
+  metrics = exp.main([*flags, "--resume", str(tmp_path / "k")])
+  rows = metrics["white_box"]
+  assert [r["label"] for r in rows] == done  # each run exactly once over both sittings
+  assert rows[0]["epsilon"] == first["epsilon"] and rows[0]["correct"] == first["correct"]
+  assert [r["flagged"] for r in rows] == [False, True, True]
+  assert not (tmp_path / "k" / "nondp" / "resume").exists()  # deleted once complete

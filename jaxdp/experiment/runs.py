@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flax import serialization
@@ -39,6 +40,8 @@ from jaxdp import accounting, synth
 from jaxdp.data import Dataset
 from jaxdp.experiment.cli import UsageError
 from jaxdp.plots import plot_image_grids
+
+T = TypeVar("T")
 
 __all__ = ["NONDP", "NONDP_NOTE", "MetricStream", "RunFolder", "format_table", "fresh_dir", "slug"]
 
@@ -203,7 +206,18 @@ class RunFolder:
     return run
 
   # Settings that may differ between a run and its resumption.
-  RESUMABLE = ("resume", "progress", "checkpoint_every", "name", "out", "tensorboard")
+  RESUMABLE = (
+    "resume",
+    "progress",
+    "checkpoint_every",
+    "name",
+    "out",
+    "tensorboard",
+    # How the steps run: the same mechanism, the same numbers up to float summation order.
+    "devices",
+    "microbatch_size",
+    "physical_batch",
+  )
 
   def check_resume(self, cfg: Any) -> None:
     """Raises UsageError unless ``cfg`` is the settings of the run being resumed."""
@@ -228,6 +242,26 @@ class RunFolder:
 
     every = self.checkpoint_every or 10**9
     return Checkpointer(self.path / NONDP / "resume" / slug(label), every=every)
+
+  def cached(self, label: str, compute: Callable[[], T]) -> T:
+    """``compute()``, the result of job ``label``, kept when checkpoints are on so that a
+    resumed run reads it back instead of running the job again (a whole-job checkpoint, for
+    jobs that do not train through :meth:`checkpointer`, e.g. an audit's runs).
+
+    The result is pickled under ``nondp/resume/`` (deleted when the run completes) through
+    a temporary file renamed when complete: a run killed while writing computes it again.
+    """
+    if not (self.checkpoint_every or self.resumed):
+      return compute()
+    path = self.path / NONDP / "resume" / f"{slug(label)}.pickle"
+    if path.is_file():
+      return pickle.loads(path.read_bytes())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    tmp.replace(path)
+    return result
 
   def stream(self, released: bool) -> MetricStream:
     """The metric stream of released (DP) results, or of non-DP diagnostics."""
