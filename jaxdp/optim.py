@@ -98,12 +98,28 @@ def ema_params(opt_state: optax.OptState) -> PyTree | None:
   return opt_state.ema if isinstance(opt_state, ParamEMAState) else None
 
 
+def clip_weights(bound: float) -> optax.GradientTransformation:
+  """An optax transform, chained last, that keeps every parameter in ``[-bound, bound]``
+  (the WGAN critic's weight clipping): the update becomes ``clip(p + u) - p``."""
+  if not bound > 0:
+    raise ValueError(f"bound must be > 0, got {bound}")
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("clip_weights needs the params")
+    new = jax.tree_util.tree_map(lambda p, u: jnp.clip(p + u, -bound, bound) - p, params, updates)
+    return new, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
   name: str,
   learning_rate: float,
   *,
   momentum: float | None = None,
   ema_decay: float | None = None,
+  weight_clip: float | None = None,
 ) -> optax.GradientTransformation:
   """An optax optimiser by name, optionally with parameter averaging.
 
@@ -112,6 +128,8 @@ def make_optimizer(
     learning_rate: step size, > 0.
     momentum: SGD momentum in [0, 1); None means plain SGD. Not accepted for Adam.
     ema_decay: if given (in [0, 1)), wrap the optimiser in :func:`param_ema`.
+    weight_clip: if given, keep every parameter in ``[-weight_clip, weight_clip]``
+      (:func:`clip_weights`, a WGAN critic's constraint).
 
   Returns:
     The optax transformation.
@@ -129,4 +147,6 @@ def make_optimizer(
     opt = optax.sgd(learning_rate, momentum=momentum or None)
   else:
     opt = optax.adam(learning_rate)
+  if weight_clip is not None:
+    opt = optax.chain(opt, clip_weights(weight_clip))
   return opt if ema_decay is None else param_ema(opt, ema_decay)

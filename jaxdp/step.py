@@ -157,8 +157,17 @@ def microbatch_rows(
   return max(rows, -(-batch_size // MAX_AUTO_MICROBATCHES))
 
 
-def _gather(data: PyTree, indices: jax.Array) -> PyTree:
-  return jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
+def _gather(data: PyTree, indices: jax.Array, rows: PyTree = None) -> PyTree:
+  """The batch ``data[indices]``, with the per-row side inputs ``rows`` merged in."""
+  batch = jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
+  if rows is None:
+    return batch
+  if not (isinstance(batch, dict) and isinstance(rows, dict)):
+    raise ValueError("rows needs data and rows to be dicts (their keys are merged)")
+  clash = sorted(set(batch) & set(rows))
+  if clash:
+    raise ValueError(f"rows must not reuse the data's keys, got {clash}")
+  return {**batch, **rows}
 
 
 def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
@@ -326,7 +335,7 @@ class Step:
     flat, unravel = ravel_pytree(tree)
     return unravel(jax.lax.psum(flat, DATA_AXIS))
 
-  def _batch_sum(self, params, data, indices, mask, rng) -> ClippedSum:
+  def _batch_sum(self, params, data, indices, mask, rng, rows=None) -> ClippedSum:
     """:meth:`clipped_sum` of the batch ``data[indices]``, its rows split over the mesh.
 
     Row i gets the key it has on one device, ``split(rng, P)[i]``; each device clips its
@@ -335,24 +344,24 @@ class Step:
     """
     mask = jnp.asarray(mask).astype(bool)
     if self.mesh is None:
-      return self.clipped_sum(params, _gather(data, indices), mask, rng)
-    rows = jax.sharding.PartitionSpec(DATA_AXIS)
+      return self.clipped_sum(params, _gather(data, indices, rows), mask, rng)
+    split = jax.sharding.PartitionSpec(DATA_AXIS)
     whole = jax.sharding.PartitionSpec()
 
-    def local(params, data, indices, mask, rngs):
-      cs = self._clipped_rows(params, _gather(data, indices), mask, rngs)
+    def local(params, data, indices, mask, rngs, rows):
+      cs = self._clipped_rows(params, _gather(data, indices, rows), mask, rngs)
       return cs._replace(sum_of_clipped_grads=self._all_reduce(cs.sum_of_clipped_grads))
 
     sharded = jax.shard_map(
       local,
       mesh=self.mesh,
-      in_specs=(whole, whole, rows, rows, rows),
-      out_specs=ClippedSum(whole, rows, rows, rows, rows),
+      in_specs=(whole, whole, split, split, split, split),
+      out_specs=ClippedSum(whole, split, split, split, split),
       # The engines' loops carry replicated params beside per-device rows, which the
       # varying-axis type check rejects; the one cross-device op is the psum above.
       check_vma=False,
     )
-    return sharded(params, data, indices, mask, stack_rngs(rng, mask.shape[0]))
+    return sharded(params, data, indices, mask, stack_rngs(rng, mask.shape[0]), rows)
 
   def _sum_rows(self, params, batch, mask, rngs) -> ClippedSum:
     if self.privacy is None:
@@ -406,21 +415,25 @@ class Step:
     rng, example_key, noise_key = jax.random.split(state.rng, 3)
     return rng, example_key, noise_key
 
-  def _fused_impl(self, state, data, indices, mask):
+  def _fused_impl(self, state, data, indices, mask, rows=None):
     self.trace_count += 1
     rng, example_key, noise_key = self._keys(state)
     mask = jnp.asarray(mask).astype(bool)
-    cs = self._batch_sum(state.params, data, indices, mask, jax.random.fold_in(example_key, 0))
+    cs = self._batch_sum(
+      state.params, data, indices, mask, jax.random.fold_in(example_key, 0), rows
+    )
     params, opt_state = self._update(state, cs.sum_of_clipped_grads, jnp.sum(mask), noise_key)
     metrics = _batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       metrics["aux"] = cs.aux
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-  def _chunk_impl(self, state, data, indices, mask, chunk):
+  def _chunk_impl(self, state, data, indices, mask, chunk, rows=None):
     _, example_key, _ = self._keys(state)
     mask = jnp.asarray(mask).astype(bool)
-    cs = self._batch_sum(state.params, data, indices, mask, jax.random.fold_in(example_key, chunk))
+    cs = self._batch_sum(
+      state.params, data, indices, mask, jax.random.fold_in(example_key, chunk), rows
+    )
     stats = _batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       stats["aux"] = cs.aux
@@ -434,7 +447,12 @@ class Step:
   # -- public calls ---------------------------------------------------------------------
 
   def __call__(
-    self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
+    self,
+    state: TrainState,
+    data: PyTree,
+    indices: jax.Array,
+    mask: jax.Array,
+    rows: dict[str, jax.Array] | None = None,
   ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on one physical batch ``data[indices]`` with padding ``mask``.
 
@@ -443,6 +461,9 @@ class Step:
       data: pytree of arrays with a leading example axis (the whole dataset, on the device).
       indices: (P,) int indices into ``data``; padding rows may hold any valid index.
       mask: (P,) bool, False on padding rows.
+      rows: per-row side inputs of this batch (arrays with a leading axis of P), merged into
+        each example's dict (e.g. a GAN critic's generated half of each pair). What a row's
+        side input holds enters only that row's clipped gradient.
 
     Returns:
       ``(new_state, metrics)``; metrics hold loss, batch_size and, if private,
@@ -451,7 +472,7 @@ class Step:
       private batch without noise: diagnostics, never to be released.
     """
     self._check_rows(indices)
-    return self._fused(*self._placed(state, data), *self._split_rows(indices, mask))
+    return self._fused(*self._placed(state, data), *self._split_rows(indices, mask, rows))
 
   def _check_rows(self, indices: Any) -> None:
     parallel.check_rows(int(np.shape(indices)[0]), self.mesh)
@@ -461,11 +482,11 @@ class Step:
       return state, data
     return self.place(state), self.place(data)
 
-  def _split_rows(self, indices: Any, mask: Any) -> tuple[Any, Any]:
-    """A batch's indices and mask split over the mesh (wherever they were before)."""
+  def _split_rows(self, indices: Any, mask: Any, rows: Any = None) -> tuple[Any, Any, Any]:
+    """A batch's indices, mask and side inputs split over the mesh (wherever they were)."""
     if self.mesh is None:
-      return indices, mask
-    return parallel.shard_rows((indices, mask), self.mesh)
+      return indices, mask, rows
+    return parallel.shard_rows((indices, mask, rows), self.mesh)
 
   def lower(
     self, state: TrainState, data: PyTree, indices: jax.Array, mask: jax.Array
@@ -475,7 +496,11 @@ class Step:
     return self._fused.lower(*self._placed(state, data), *self._split_rows(indices, mask))
 
   def run(
-    self, state: TrainState, data: PyTree, batches: Sequence[tuple[np.ndarray, np.ndarray]]
+    self,
+    state: TrainState,
+    data: PyTree,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    rows: Sequence[dict[str, jax.Array]] | None = None,
   ) -> tuple[TrainState, dict[str, Any]]:
     """One logical step over one or more physical batches (gradient accumulation).
 
@@ -483,16 +508,20 @@ class Step:
     so the step is the same mechanism as one big batch and is accounted as one step.
     Metrics are weighted by each batch's real rows; with ``has_aux`` the per-example aux of
     all physical batches comes concatenated in batch order (padding rows included, their
-    values unspecified).
+    values unspecified). ``rows``: one dict of side inputs per physical batch (see
+    :meth:`__call__`).
     """
+    if rows is not None and len(rows) != len(batches):
+      raise ValueError(f"rows must hold one entry per physical batch ({len(batches)})")
     if len(batches) == 1:
-      return self(state, data, *batches[0])
+      return self(state, data, *batches[0], rows=None if rows is None else rows[0])
     for indices, _ in batches:
       self._check_rows(indices)
     state, data = self._placed(state, data)
     summed, stats = None, []
     for chunk, (indices, mask) in enumerate(batches):
-      part, st = self._chunk(state, data, *self._split_rows(indices, mask), chunk)
+      idx, msk, side = self._split_rows(indices, mask, None if rows is None else rows[chunk])
+      part, st = self._chunk(state, data, idx, msk, chunk, side)
       summed = part if summed is None else jax.tree_util.tree_map(jnp.add, summed, part)
       stats.append(st)
     # Everything stays on the device: no host sync between the physical batches.

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jaxdp import _validate, parallel
 from jaxdp.accounting import EpsilonTracker
 from jaxdp.checkpoint import Checkpointer
-from jaxdp.sampling import PoissonSampler, ShuffledSampler
+from jaxdp.sampling import PhysicalBatch, PoissonSampler, ShuffledSampler
 from jaxdp.step import Step, TrainState
 
 __all__ = ["EpochCallback", "train"]
@@ -91,6 +91,8 @@ def train(
   progress: bool = True,
   refresh_every: int | None = None,
   checkpoint: Checkpointer | None = None,
+  side_inputs: Callable[[list[PhysicalBatch]], list[dict[str, Any]]] | None = None,
+  after_step: Callable[[int, TrainState], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
   """Runs ``epochs * steps_per_epoch`` logical steps of ``step``.
 
@@ -120,6 +122,10 @@ def train(
       position, history; ``on_entry`` is not called again for restored epochs) and saves
       one at the end of every ``checkpoint.every``-th epoch and of the last: a resumed run
       takes exactly the steps, batches and noise of a straight one.
+    side_inputs: ``side_inputs(batches)`` gives each physical batch's per-row side inputs
+      (:meth:`Step.run`'s ``rows``, e.g. a GAN critic's generated half of each pair).
+    after_step: called as ``after_step(step, state)`` after each step (its count so far),
+      e.g. to update a generator from the critic. Its own state is not checkpointed.
 
   Returns:
     ``(state, history)``: the final state and one dict per epoch with ``epoch``, ``step``,
@@ -174,7 +180,8 @@ def train(
     )
     for i in range(steps_per_epoch):
       batches = sampler.sample()
-      state, metrics = step.run(state, data, batches)
+      rows = None if side_inputs is None else side_inputs(batches)
+      state, metrics = step.run(state, data, batches, rows)
       metrics = dict(metrics)
       norms = metrics.pop("grad_norms", None)
       # The aux rows of several physical batches come concatenated, like their masks.
@@ -191,6 +198,8 @@ def train(
           sums[key] = jnp.zeros(())
       sums = _accumulate(sums, metrics, mask)
       done += 1
+      if after_step is not None:
+        after_step(start_step + done, state)
       bar.update(1)
       if i + 1 == steps_per_epoch and norms is not None:
         last_norms = np.asarray(norms)[mask]

@@ -285,8 +285,9 @@ def discover(
   jax.make_jaxpr(traced)(leaves_abs, jax.tree_util.tree_map(abstract, example), abstract(rng))
   if lifted:
     warnings.warn(
-      "jaxdp fast engine: layer calls inside a lifted Flax transform (nn.scan, nn.vmap, "
-      f"nn.remat, ...: {', '.join(sorted(set(lifted)))}) take the "
+      "jaxdp fast engine: layer calls under another trace than the loss's (a lifted Flax "
+      "transform such as nn.scan or nn.remat, or a jax.grad inside the loss such as a "
+      f"gradient penalty: {', '.join(sorted(set(lifted)))}) take the "
       "reference engine's per-example vmap for their parameters; the rest of the model "
       "keeps the fast rules.",
       stacklevel=3,

@@ -84,6 +84,7 @@ class Training:
   microbatch_size: int | str | None = "auto"
   physical_batch_size: int | None = None  # None: mean + 4 std of the Poisson batch size
   devices: int | None = None  # devices the rows of each step are split over; None: all
+  weight_clip: float | None = None  # keep every parameter in [-c, c] (a WGAN critic)
 
   def __post_init__(self) -> None:
     _validate.positive_int("epochs", self.epochs)
@@ -196,6 +197,8 @@ def fit(
   has_aux: bool = False,
   aux_name: str = "accuracy",
   progress: bool = True,
+  side_inputs: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+  after_step: Callable[[int, Any], None] | None = None,
 ) -> Trained:
   """Trains one model through the one jaxdp step, privately (``noise``) or not.
 
@@ -217,6 +220,9 @@ def fit(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     aux_name: the name of a per-example aux array in the diagnostics.
     progress: progress bars.
+    side_inputs, after_step: :func:`jaxdp.train.train`'s hooks (a GAN critic's generated
+      rows, its generator's updates); a model with ``after_step`` is not checkpointed (the
+      hook's state is not in the checkpoint).
 
   Returns:
     :class:`Trained`; ``entry`` holds the settings, the epsilon (PLD and RDP) of a private
@@ -255,7 +261,11 @@ def fit(
     entry.update(l2_norm_clip=noise.l2_norm_clip, noise_multiplier=noise.noise_multiplier)
     print(f"{label}: q = {q:.5f}, {steps} steps, noise multiplier {noise.noise_multiplier:.4f}")
   opt = optim.make_optimizer(
-    training.optimizer, training.lr, momentum=training.momentum, ema_decay=training.ema or None
+    training.optimizer,
+    training.lr,
+    momentum=training.momentum,
+    ema_decay=training.ema or None,
+    weight_clip=training.weight_clip,
   )
   step = make_step(
     loss_fn,
@@ -302,7 +312,8 @@ def fit(
 
   # A model that selects its best epoch keeps that epoch's parameters in memory only: it is
   # not checkpointed (a resumed run retrains it).
-  checkpoint = run.checkpointer(label) if run is not None and select is None else None
+  resumable = run is not None and select is None and after_step is None
+  checkpoint = run.checkpointer(label) if resumable else None
   state, raw = train(
     step,
     state,
@@ -316,6 +327,8 @@ def fit(
     desc=label,
     progress=progress,
     checkpoint=checkpoint,
+    side_inputs=side_inputs,
+    after_step=after_step,
   )
   if checkpoint is not None:
     checkpoint.close()

@@ -1,0 +1,151 @@
+"""The DP-WGAN: the critic's per-example loss pairs a real row with its generated row,
+padding rows contribute nothing, the gradient penalty stays within the clipping bound,
+the accountant is charged once per critic step, and the experiment writes its folder."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_dp_classifier import load_script
+
+from jaxdp import accounting, optim
+from jaxdp.models import gan
+from jaxdp.step import DPConfig, init_state, make_step
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "dp_gan_synth.py"
+C = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  g = gan.ImageGenerator(image_shape=(12, 12, 1), num_classes=5, latent_dim=4, width=8)
+  d = gan.ImageCritic(num_classes=5, width=4)
+  k = jax.random.key(0)
+  g_params = g.init(k, jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))["params"]
+  d_params = d.init(k, jnp.zeros((1, 12, 12, 1)))["params"]
+  data = {"image": jax.random.uniform(k, (16, 12, 12, 1)), "label": jnp.arange(16) % 5}
+  rows = gan.fake_rows(g, g_params, jax.random.key(1), 16)
+  return g, d, g_params, d_params, data, rows
+
+
+def _step(d, penalty=0.0, engine="reference"):
+  loss = gan.critic_loss(d, gradient_penalty=penalty)
+  privacy = DPConfig(l2_norm_clip=C, noise_multiplier=0.0, engine=engine)
+  return make_step(loss, optax.sgd(0.1), privacy, expected_batch_size=16, has_aux=True)
+
+
+def _sum(step, params, batch, mask):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the penalty's fallback warning
+    return step.clipped_sum(params, batch, jnp.asarray(mask), jax.random.key(3))
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_each_row_pairs_its_real_and_its_fake_and_padding_adds_nothing(tiny, engine):
+  _, d, _, params, data, rows = tiny
+  step = _step(d, engine=engine)
+  mask = np.arange(16) < 10
+  full = _sum(step, params, {**data, **rows}, mask)
+  # Padding rows: any fake (here the fakes of rows 10-15 replaced) changes nothing.
+  other = dict(rows, fake=rows["fake"].at[10:].set(1.0))
+  same = _sum(step, params, {**data, **other}, mask)
+  pairs = zip(_leaves(full.sum_of_clipped_grads), _leaves(same.sum_of_clipped_grads), strict=True)
+  for a, b in pairs:
+    np.testing.assert_array_equal(a, b)
+  assert np.all(np.asarray(full.clip_factors)[10:] == 0)
+  # Row 3's pair is one example: its clipped gradient is the sum with row 3 minus without.
+  only3 = _sum(step, params, {**data, **rows}, np.arange(16) == 3)
+  without3 = _sum(step, params, {**data, **rows}, mask & (np.arange(16) != 3))
+  for a, b, c in zip(_leaves(full.sum_of_clipped_grads), _leaves(only3.sum_of_clipped_grads),
+                     _leaves(without3.sum_of_clipped_grads), strict=True):  # fmt: skip
+    np.testing.assert_allclose(a, b + c, atol=1e-6)
+  # ... and it depends on row 3's fake: its loss is D(fake_3, y~_3) - D(x_3, y_3).
+  x3 = {k: v[3] for k, v in {**data, **rows}.items()}
+  value, _ = gan.critic_loss(d)(params, x3, jax.random.key(0))
+  assert float(full.losses[3]) == pytest.approx(float(value), abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_the_gradient_penalty_stays_within_the_clipping_bound(tiny, engine):
+  _, d, _, params, data, rows = tiny
+  cs = _sum(_step(d, penalty=10.0, engine=engine), params, {**data, **rows}, np.ones(16, bool))
+  shares = np.asarray(cs.per_example_norms) * np.asarray(cs.clip_factors)
+  assert np.all(shares <= C * (1 + 1e-6)) and np.max(shares) > 0.99 * C
+  assert np.all(np.asarray(cs.per_example_norms) > C)  # the penalty makes the norms large
+  ref = _sum(_step(d, penalty=10.0), params, {**data, **rows}, np.ones(16, bool))
+  for a, b in zip(_leaves(cs.sum_of_clipped_grads), _leaves(ref.sum_of_clipped_grads), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_generated_rows_and_generator_steps_read_no_private_data(tiny):
+  g, d, g_params, d_params, _, _ = tiny
+  a = gan.fake_rows(g, g_params, jax.random.key(5), 8)
+  b = gan.fake_rows(g, g_params, jax.random.key(5), 8)
+  np.testing.assert_array_equal(np.asarray(a["fake"]), np.asarray(b["fake"]))
+  assert a["fake"].shape == (8, 12, 12, 1) and set(a) == {"fake", "fake_label"}
+  opt = optax.adam(1e-2)
+  update = gan.generator_update(g, d, opt, 8)
+  state = gan.GeneratorState(g_params, opt.init(g_params))
+  new, loss = update(state, d_params, jax.random.key(0))  # arguments: no data at all
+  assert np.isfinite(float(loss))
+  moved = zip(_leaves(new.params), _leaves(g_params), strict=True)
+  assert any(not np.array_equal(x, y) for x, y in moved)
+  images = gan.sample(g, g_params, jnp.arange(7) % 5, jax.random.key(0), chunk_size=3)
+  assert images.shape == (7, 12, 12, 1) and float(images.min()) >= 0 and float(images.max()) <= 1
+
+
+def test_weight_clipping_keeps_the_critic_in_its_box(tiny):
+  _, d, _, params, data, rows = tiny
+  opt = optim.make_optimizer("adam", 0.5, weight_clip=0.01)
+  step = make_step(gan.critic_loss(d), opt, DPConfig(l2_norm_clip=C, noise_multiplier=1.0),
+                   expected_batch_size=16, has_aux=True)  # fmt: skip
+  state = init_state(params, opt, jax.random.key(0))
+  for _ in range(2):
+    state, _ = step(state, data, np.arange(16), np.ones(16, bool), rows)
+  top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(state.params))
+  assert 0.0099 < top <= 0.01 * (1 + 1e-6)  # at the box's edge (lr 0.5 pushes past it), not out
+  with pytest.raises(ValueError, match="bound must be > 0"):
+    optim.clip_weights(0.0)
+
+
+def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path):
+  exp = load_script(SCRIPT)
+  flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
+  flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
+  flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
+  flags += ["--generator-width", "8", "--critic-width", "4", "--latent-dim", "8"]
+  flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--gradient-penalty", "0"]
+  flags += ["--weight-clip", "0.05", "--out", str(tmp_path), "--name", "g"]
+  metrics = exp.main(flags)
+  out = tmp_path / "g"
+  for name in ("config.json", "metrics.json", "plots/synthetic_grid.png",
+               "plots/generator_loss.png"):  # fmt: skip
+    assert (out / name).is_file(), name
+  (p,) = metrics["pipelines"]
+  critic = p["critic"]
+  assert critic["steps"] == 2 * round(1 / critic["sampling_prob"]) == 8
+  assert p["generator_steps"] == critic["steps"] // 2
+  (event,) = p["ledger"]["entries"]  # one DP-SGD event: the critic's steps, nothing else
+  assert event["steps"] == critic["steps"]
+  want = accounting.epsilon(
+    accounting.dpsgd_event(critic["sampling_prob"], critic["noise_multiplier"], critic["steps"]),
+    1e-5,
+  )
+  assert p["epsilon_pld"] == pytest.approx(want, rel=1e-9) and p["epsilon_pld"] <= 10.0
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  critic_rows = [r for r in rows if r["model"] == p["label"]]
+  assert [r["epoch"] for r in critic_rows] == [1, 2]
+  assert all(np.isfinite(r["generator_loss"]) for r in critic_rows)
+  assert not any(k.startswith("train_") for r in rows for k in r)
+  assert (out / p["synthetic_npz"]).is_file() and (out / p["generator_checkpoint"]).is_file()
