@@ -90,42 +90,6 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
       raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
 
 
-class GeneratorTrainer:
-  """The generator beside the critic: the critic step's generated rows, and one generator
-  step after every ``every`` critic steps (it reads only the DP critic)."""
-
-  def __init__(self, cfg: Config, generator: gan.ImageGenerator, critic: gan.ImageCritic,
-               params: Any, key: jax.Array) -> None:  # fmt: skip
-    opt = optax.adam(cfg.generator_lr, b1=0.5, b2=0.9)
-    self.generator, self.every, self.key = generator, cfg.critic_steps, key
-    self.state = gan.GeneratorState(params, opt.init(params))
-    self.update = gan.generator_update(generator, critic, opt, cfg.batch_size)
-    self.losses: list[jax.Array] = []
-    self.count = 0
-
-  def _next_key(self) -> jax.Array:
-    self.count += 1
-    return jax.random.fold_in(self.key, self.count)
-
-  def side_inputs(self, batches: list[Any]) -> list[dict[str, jax.Array]]:
-    """One generated example per row of each physical batch."""
-    return [
-      gan.fake_rows(self.generator, self.state.params, self._next_key(), len(b.indices))
-      for b in batches
-    ]
-
-  def after_step(self, step: int, critic_state: Any) -> None:
-    if step % self.every == 0:
-      self.state, loss = self.update(self.state, critic_state.params, self._next_key())
-      self.losses.append(loss)
-
-  def epoch_loss(self, _: Any) -> dict[str, float]:
-    """The mean generator loss since the last call (post-processing of the DP critic)."""
-    value = float(np.mean(jax.device_get(self.losses))) if self.losses else float("nan")
-    self.losses = []
-    return {"generator_loss": value}
-
-
 def run(cfg: Config) -> dict[str, Any]:
   """Runs the pipelines of ``cfg``, writes the run folder and returns its metrics."""
   splits = tasks.load_data(cfg)
@@ -161,11 +125,11 @@ def run(cfg: Config) -> dict[str, Any]:
         job.label, splits, cfg, keys=keys, ledger=ledger, run=out
       )
     noise = tasks.calibrate(job, cfg, num_examples=n, training=training, ledger=ledger)
-    if noise is not None and noise.engine == "auto" and cfg.gradient_penalty > 0:
-      # The penalty's jax.grad hides the critic's layers from the fast engine, whose
-      # per-layer fallback then runs ~20x slower than the reference engine's vmap(grad).
-      noise = dataclasses.replace(noise, engine="reference")
-    trainer = GeneratorTrainer(cfg, generator, critic, init_g(), keys.key(f"{job.label}/fakes"))
+    noise = tasks.critic_noise(noise, cfg.gradient_penalty)
+    trainer = tasks.GeneratorTrainer(
+      generator, critic, init_g(), optax.adam(cfg.generator_lr, b1=0.5, b2=0.9),
+      batch_size=cfg.batch_size, every=cfg.critic_steps, key=keys.key(f"{job.label}/fakes"),
+    )  # fmt: skip
     trained = tasks.fit(
       job.label, loss, init_c(), jax.device_put(private.arrays()), training, noise=noise,
       keys=keys, run=out, evaluate=trainer.epoch_loss, has_aux=True, aux_name="wasserstein",

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from flax import serialization
 
 from jaxdp import _validate, accounting, data, optim, parallel, synth
@@ -38,6 +39,7 @@ from jaxdp.metrics import (
   per_class_accuracy,
 )
 from jaxdp.models import classifier as classifier_lib
+from jaxdp.models import gan as gan_lib
 from jaxdp.models import scatternet
 from jaxdp.plots import class_grid
 from jaxdp.sampling import PoissonSampler
@@ -47,12 +49,14 @@ from jaxdp.train import train
 __all__ = [
   "CLASSIFIERS",
   "FEATURE_NETWORK",
+  "GeneratorTrainer",
   "Noise",
   "SyntheticRelease",
   "Trained",
   "Training",
   "calibrate",
   "classifier_inputs",
+  "critic_noise",
   "evaluate_generator",
   "feature_network",
   "fid_is",
@@ -379,6 +383,69 @@ def classifier_inputs(name: str, ds: data.Dataset) -> dict[str, jax.Array]:
   if name == "scatter_cnn":
     arrays = {"image": scatternet.scattering_dataset(ds.images), "label": ds.labels}
   return jax.device_put(arrays)
+
+
+def critic_noise(noise: Noise | None, gradient_penalty: float) -> Noise | None:
+  """A GAN critic's mechanism: with a gradient penalty, engine "auto" becomes "reference"
+  (the penalty's ``jax.grad`` hides the critic's layers from the fast engine, whose per-layer
+  fallback then runs ~20x slower than ``vmap(grad)``; the same numbers either way)."""
+  if noise is None or gradient_penalty <= 0 or noise.engine != "auto":
+    return noise
+  return dataclasses.replace(noise, engine="reference")
+
+
+class GeneratorTrainer:
+  """A GAN's generator beside its private critic (:mod:`jaxdp.models.gan`): the hooks of
+  :func:`fit` that give the critic step one generated row per private row, and one generator
+  step after every ``every`` critic steps. It reads only the DP critic: no privacy cost.
+
+  Args:
+    generator, critic: the Flax modules.
+    params: the generator's initial parameters.
+    optimizer: the generator's optimiser.
+    batch_size: draws per generator step.
+    every: critic steps per generator step.
+    key: the generator's randomness (fakes and latent draws).
+  """
+
+  def __init__(
+    self,
+    generator: nn.Module,
+    critic: nn.Module,
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    every: int,
+    key: jax.Array,
+  ) -> None:
+    _validate.positive_int("every", every)
+    self.generator, self.every, self.key = generator, every, key
+    self.state = gan_lib.GeneratorState(params, optimizer.init(params))
+    self.update = gan_lib.generator_update(generator, critic, optimizer, batch_size)
+    self.losses: list[jax.Array] = []
+    self.count = 0
+
+  def _next_key(self) -> jax.Array:
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
+
+  def side_inputs(self, batches: list[Any]) -> list[dict[str, jax.Array]]:
+    """One generated example per row of each physical batch."""
+    g, params = self.generator, self.state.params
+    return [gan_lib.fake_rows(g, params, self._next_key(), len(b.indices)) for b in batches]
+
+  def after_step(self, step: int, critic_state: Any) -> None:
+    """A generator step after every ``every``-th critic step."""
+    if step % self.every == 0:
+      self.state, loss = self.update(self.state, critic_state.params, self._next_key())
+      self.losses.append(loss)
+
+  def epoch_loss(self, _: Any) -> dict[str, float]:
+    """The mean generator loss since the last call (post-processing of the DP critic)."""
+    value = float(np.mean(jax.device_get(self.losses))) if self.losses else float("nan")
+    self.losses = []
+    return {"generator_loss": value}
 
 
 def train_classifier(
