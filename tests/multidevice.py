@@ -109,6 +109,35 @@ def step_equality() -> list[dict]:
   return out
 
 
+def critic_equality() -> dict:
+  """A GAN critic step (each private row paired with its generated row, a per-row side
+  input split over the devices like the rows) on 4 devices against one."""
+  from jaxdp.models import gan
+
+  g = gan.ImageGenerator(image_shape=(12, 12, 1), num_classes=5, latent_dim=4, width=8)
+  d = gan.ImageCritic(num_classes=5, width=4)
+  k = jax.random.key(0)
+  params = d.init(k, jnp.zeros((1, 12, 12, 1)))["params"]
+  rows = gan.fake_rows(g, g.init(k, jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))["params"],
+                       jax.random.key(1), 32)  # fmt: skip
+  data = {"image": jax.random.uniform(k, (40, 12, 12, 1)), "label": jnp.arange(40) % 5}
+  opt = optax.adam(0.01)
+  indices, mask = _batch(32, 29)
+  out = []
+  for mesh in (None, parallel.data_mesh(DEVICES)):
+    step = make_step(gan.critic_loss(d), opt, DPConfig(l2_norm_clip=0.5, noise_multiplier=1.0),
+                     expected_batch_size=24, has_aux=True, mesh=mesh)  # fmt: skip
+    state, metrics = step(init_state(params, opt, jax.random.key(2)), data, indices, mask, rows)
+    out.append((state, metrics))
+  (one, m1), (many, md) = out
+  return {
+    "params": _max_diff(one.params, many.params),
+    # real rows (a padding row's aux is unspecified)
+    "wasserstein": _max_diff(m1["aux"]["wasserstein"][:29], md["aux"]["wasserstein"][:29]),
+    "replicated": _replicated(many.params, DEVICES),
+  }
+
+
 def _trained(mesh, *, physical: int, epochs: int = 3, checkpoint=None, kill_after=None):
   loss_fn, params, data = make_problem("cnn", batch_size=64)
   opt = optax.adam(0.01)
@@ -271,6 +300,7 @@ CHECKS = {
   "devices": lambda: len(jax.devices()),
   "step_equality": step_equality,
   "training_equality": training_equality,
+  "critic_equality": critic_equality,
   "resume": resume,
   "noise_once": noise_once,
   "one_all_reduce": one_all_reduce,

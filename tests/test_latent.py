@@ -45,7 +45,8 @@ def test_latent_vae_loss_and_samples():
   model = latent.LatentVAE(code_dim=3, num_classes=4, latent_dim=2, hidden=(8,))
   k = jax.random.key(0)
   params = model.init(k, jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32), k)["params"]
-  value, aux = latent.latent_vae_loss(model)(params, {"code": jnp.ones(3), "label": jnp.int32(2)}, k)
+  example = {"code": jnp.ones(3), "label": jnp.int32(2)}
+  value, aux = latent.latent_vae_loss(model)(params, example, k)
   assert np.isfinite(float(value)) and float(aux["neg_elbo"]) == pytest.approx(float(value))
   codes = latent.sample_codes(model, params, jnp.array([0, 1, 3]), k)
   assert codes.shape == (3, 3)

@@ -64,6 +64,11 @@ def test_parameters_are_identical_on_every_device(checks):
   assert checks["training_equality"]["replicated"]
 
 
+def test_a_gan_critic_step_with_per_row_side_inputs_equals_one_device(checks):
+  c = checks["critic_equality"]
+  assert c["params"] <= TOL and c["wasserstein"] <= TOL and c["replicated"]
+
+
 def test_training_and_logical_batches_on_four_devices_equal_one_device(checks):
   t = checks["training_equality"]
   assert t["steps"] == [12, 12, 12]
