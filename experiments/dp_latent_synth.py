@@ -17,6 +17,9 @@ spread. (3) A class-conditional generator of (code, label) trains through the on
 FID / IS, grids, as for the DP-VAE. Beside it, the honest baseline: the same classifier
 trained on the public partition alone.
 
+The defaults (120 epochs of the latent VAE at batch 2048, temperature 1.3) were chosen on
+the validation split at eps 10 (``docs/results/latent_validation_sweep.csv``).
+
 References:
   Chen et al., "DPMI / Differentially private data generation via mixed-type
   inversion", 2022. arXiv:2201.03139 (the pretrained feature-extractor variant)
@@ -77,7 +80,7 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   ae_lr: float = option(2e-3, "autoencoder Adam learning rate", check="positive")
   codes: str = option("encoder", "private codes from", choices=("encoder", "inversion"))
   inversion_steps: int = option(100, "Adam steps of the inversion", check="positive_int")
-  epochs: int = option(30, "generator epochs (round(1/q) private steps each)",
+  epochs: int = option(120, "generator epochs (round(1/q) private steps each)",
                        check="positive_int")  # fmt: skip
   batch_size: int = option(2048, "expected (Poisson) batch size", check="positive_int")
   lr: float = option(2e-3, "generator (latent VAE) / critic Adam learning rate",
@@ -87,7 +90,7 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   latent_dim: int = option(16, "the generator's own latent dimension", check="positive_int")
   hidden: tuple[int, ...] = option((256, 256), "the generator's (and critic's) MLP widths",
                                    check="positive_ints")  # fmt: skip
-  temperature: float = option(1.0, "latent VAE sampling temperature", check="positive")
+  temperature: float = option(1.3, "latent VAE sampling temperature", check="positive")
   critic_steps: int = option(5, "latent GAN: critic steps per generator step",
                              check="positive_int")  # fmt: skip
   gradient_penalty: float = option(10.0, "latent GAN: WGAN-GP weight (0: off)")
