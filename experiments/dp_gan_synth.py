@@ -38,7 +38,6 @@ import jax
 import numpy as np
 import optax
 
-from jaxdp import accounting
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder
@@ -118,13 +117,7 @@ def run(cfg: Config) -> dict[str, Any]:
   loss = gan.critic_loss(critic, gradient_penalty=cfg.gradient_penalty)
 
   for job in jobs:
-    ledger = accounting.PrivacyLedger()  # the pipeline's own: label counts, then the critic
-    proportions, noisy = (None, None)
-    if job.private:
-      proportions, noisy = tasks.label_proportions(
-        job.label, splits, cfg, keys=keys, ledger=ledger, run=out
-      )
-    noise = tasks.calibrate(job, cfg, num_examples=n, training=training, ledger=ledger)
+    ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
     noise = tasks.critic_noise(noise, cfg.gradient_penalty)
     trainer = tasks.GeneratorTrainer(
       generator, critic, init_g(), optax.adam(cfg.generator_lr, b1=0.5, b2=0.9),

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdp import accounting
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder
@@ -154,13 +153,8 @@ def run(cfg: Config) -> dict[str, Any]:
   release = tasks.SyntheticRelease(out, splits, name, cfg.images_per_class)
 
   for job in jobs:
-    ledger = accounting.PrivacyLedger()
-    proportions, noisy = (None, None)
-    if job.private:
-      proportions, noisy = tasks.label_proportions(
-        job.label, splits, cfg, keys=keys, ledger=ledger, run=out
-      )
-    noise = tasks.calibrate(job, cfg, num_examples=n, training=training, ledger=ledger)
+    # The pipeline's own ledger: noisy label counts (if asked for), then the generator.
+    ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
     trained, sample, released = train_generator(cfg, job.label, k, noise, data, training, keys, out)
     if noise is not None:
       steps = trained.entry["steps"]

@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import jax
 
-from jaxdp import accounting
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder
@@ -121,13 +120,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return {f"validation_{name}": value for name, value in res.items()}
 
   for job in jobs:
-    ledger = accounting.PrivacyLedger()  # the pipeline's own: label counts, then the VAE
-    proportions, noisy = (None, None)
-    if job.private:
-      proportions, noisy = tasks.label_proportions(
-        job.label, splits, cfg, keys=keys, ledger=ledger, run=out
-      )
-    noise = tasks.calibrate(job, cfg, num_examples=n, training=training, ledger=ledger)
+    # The pipeline's own ledger: noisy label counts (if asked for), then the generator.
+    ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
     trained = tasks.fit(
       job.label,
       vae_loss(vae, beta=cfg.beta),

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -51,6 +51,7 @@ __all__ = [
   "FEATURE_NETWORK",
   "GeneratorTrainer",
   "Noise",
+  "SyntheticPipeline",
   "SyntheticRelease",
   "Trained",
   "Training",
@@ -687,6 +688,16 @@ def evaluate_generator(
   return entry, synthetic
 
 
+class SyntheticPipeline(NamedTuple):
+  """One synthetic-data pipeline's privacy before its generator trains
+  (:meth:`SyntheticRelease.start`)."""
+
+  ledger: accounting.PrivacyLedger
+  proportions: np.ndarray | None
+  noisy_counts: list[float] | None
+  noise: Noise | None
+
+
 @dataclasses.dataclass
 class SyntheticRelease:
   """The pipelines of a synthetic-data run, collected and then released together.
@@ -705,6 +716,23 @@ class SyntheticRelease:
   images_per_class: int
   entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   grids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def start(
+    self, job: Job, settings: Any, *, keys: KeySource, training: Training
+  ) -> SyntheticPipeline:
+    """What a pipeline settles before its generator trains: its own ledger, the class
+    proportions (with ``--dp-label-counts`` noisy label counts, charged to it and to the
+    run's ledger) and the generator's mechanism, calibrated so that the whole pipeline meets
+    ``job``'s target (None for a non-private job)."""
+    ledger = accounting.PrivacyLedger()
+    proportions, noisy = (None, None)
+    if job.private:
+      proportions, noisy = label_proportions(
+        job.label, self.splits, settings, keys=keys, ledger=ledger, run=self.run
+      )
+    n = len(self.splits.private)
+    noise = calibrate(job, settings, num_examples=n, training=training, ledger=ledger)
+    return SyntheticPipeline(ledger, proportions, noisy, noise)
 
   def add(
     self,

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdp._chunks import map_chunks
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
 
 PyTree = Any
@@ -198,15 +199,13 @@ def sample(
   """Generated examples for ``labels``, in chunks of ``chunk_size`` (one compiled shape); a
   :data:`jaxdp.synth.Generator` once ``generator`` and ``params`` are bound."""
   labels = jnp.asarray(labels, jnp.int32)
-  n = labels.shape[0]
-  out = []
-  for i, start in enumerate(range(0, n, chunk_size)):
-    y = labels[start : start + chunk_size]
-    pad = chunk_size - y.shape[0]
-    y = jnp.concatenate([y, jnp.zeros((pad,), jnp.int32)]) if pad else y
-    z = jax.random.normal(jax.random.fold_in(key, i), (chunk_size, generator.latent_dim))
-    out.append(_apply(generator, params, z, y)[: chunk_size - pad])
-  return jnp.concatenate(out, axis=0)
+  # Chunk i's latents from fold_in(key, i), drawn up front; the padding's are dropped.
+  count = -(-labels.shape[0] // chunk_size)
+  z = jnp.concatenate(
+    [jax.random.normal(jax.random.fold_in(key, i), (chunk_size, generator.latent_dim))
+     for i in range(count)]
+  )[: labels.shape[0]]  # fmt: skip
+  return map_chunks(lambda z, y: _apply(generator, params, z, y), (z, labels), chunk_size)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdp._chunks import map_chunks
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
 
 PyTree = Any
@@ -106,27 +107,14 @@ def _decode(model: Autoencoder, params: PyTree, c: jax.Array) -> jax.Array:
   return model.apply({"params": params}, c, method=Autoencoder.decode)
 
 
-def _chunked(fn, x: Any, chunk: int) -> jax.Array:
-  """``fn`` over ``x`` in chunks of ``chunk`` rows (the last padded): one compiled shape."""
-  n = x.shape[0]
-  out = []
-  for start in range(0, n, chunk):
-    part = x[start : start + chunk]
-    pad = chunk - part.shape[0]
-    if pad:
-      part = jnp.concatenate([part, jnp.repeat(part[:1], pad, axis=0)])
-    out.append(fn(part)[: chunk - pad])
-  return jnp.concatenate(out, axis=0)
-
-
 def encode(model: Autoencoder, params: PyTree, images: Any, chunk: int = 1000) -> jax.Array:
   """The codes of ``images``, each a function of its own image only."""
-  return _chunked(lambda x: _encode(model, params, x), jnp.asarray(images), chunk)
+  return map_chunks(lambda x: _encode(model, params, x), (jnp.asarray(images),), chunk)
 
 
 def decode(model: Autoencoder, params: PyTree, codes: Any, chunk: int = 1000) -> jax.Array:
   """Images in [0, 1] of ``codes``."""
-  return _chunked(lambda c: _decode(model, params, c), jnp.asarray(codes), chunk)
+  return map_chunks(lambda c: _decode(model, params, c), (jnp.asarray(codes),), chunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -158,7 +146,8 @@ def invert(
   """Codes by gradient-descent inversion of the public decoder: from the encoder's code,
   ``steps`` Adam steps on each image's own reconstruction loss (the total loss is a sum of
   per-image terms, so each code depends on its own image only)."""
-  return _chunked(lambda x: _invert(model, params, x, steps, lr), jnp.asarray(images), chunk)
+  fn = lambda x: _invert(model, params, x, steps, lr)
+  return map_chunks(fn, (jnp.asarray(images),), chunk)
 
 
 class LatentVAE(nn.Module):
