@@ -80,7 +80,7 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   generator_width: int = option(64, "generator channels", check="positive_int")
   critic_width: int = option(16, "critic channels of its first conv", check="positive_int")
   critic_activation: str = option("leaky_relu", "critic activation",
-                                  choices=("leaky_relu", "relu", "tanh", "elu"))  # fmt: skip
+                                  choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
 
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):

@@ -53,6 +53,7 @@ from jaxdp.experiment.settings import (
   SyntheticSettings,
 )
 from jaxdp.models import gan, latent
+from jaxdp.models.classifier import ACTIVATIONS
 from jaxdp.plots import plot_curves
 
 
@@ -89,6 +90,10 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   latent_dim: int = option(16, "the generator's own latent dimension", check="positive_int")
   hidden: tuple[int, ...] = option((256, 256), "the generator's (and critic's) MLP widths",
                                    check="positive_ints")  # fmt: skip
+  activation: str = option("elu", "the latent VAE's activation (the latent GAN's critic: "
+                           "--critic-activation)", choices=tuple(ACTIVATIONS))  # fmt: skip
+  critic_activation: str = option("leaky_relu", "latent GAN: critic activation",
+                                  choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
   temperature: float = option(1.3, "latent VAE sampling temperature", check="positive")
   critic_steps: int = option(5, "latent GAN: critic steps per generator step",
                              check="positive_int")  # fmt: skip
@@ -197,7 +202,7 @@ def train_generator(
   key = jax.random.key(cfg.seed)  # public: initialisation
   code, y = jnp.zeros((1, cfg.code_dim)), jnp.zeros((1,), jnp.int32)
   if cfg.generator == "vae":
-    model = latent.LatentVAE(cfg.code_dim, k, cfg.latent_dim, cfg.hidden)
+    model = latent.LatentVAE(cfg.code_dim, k, cfg.latent_dim, cfg.hidden, cfg.activation)
     trained = tasks.fit(
       label, latent.latent_vae_loss(model), jax.jit(model.init)(key, code, y, key)["params"],
       data, training, noise=noise, keys=keys, run=out, has_aux=True, aux_name="neg_elbo",
@@ -209,7 +214,7 @@ def train_generator(
 
     return trained, sample, trained.params
   g = gan.VectorGenerator(cfg.code_dim, k, cfg.latent_dim, cfg.hidden)
-  critic = gan.VectorCritic(k, cfg.hidden)
+  critic = gan.VectorCritic(k, cfg.hidden, cfg.critic_activation)
   trainer = tasks.GeneratorTrainer(
     g, critic, jax.jit(g.init)(key, jnp.zeros((1, cfg.latent_dim)), y)["params"],
     optax.adam(cfg.generator_lr, b1=0.5, b2=0.9), batch_size=cfg.batch_size,

@@ -26,6 +26,7 @@ __all__ = [
   "feature_statistics",
   "frechet_distance",
   "inception_score",
+  "mode_coverage",
   "per_class_accuracy",
 ]
 
@@ -236,12 +237,62 @@ def inception_score(logits: np.ndarray) -> float:
   return float(np.exp(kl.mean()))
 
 
+def _class_spread(features: np.ndarray) -> float:
+  """``sqrt(tr Cov)``: the root-mean-square distance of features from their mean."""
+  f = np.asarray(features, np.float64)
+  return float(np.sqrt(np.mean(np.sum((f - f.mean(axis=0)) ** 2, axis=1))))
+
+
+def mode_coverage(
+  features: np.ndarray,
+  logits: np.ndarray,
+  labels: np.ndarray,
+  reference_features: np.ndarray,
+  reference_labels: np.ndarray,
+  num_classes: int,
+) -> dict[str, float]:
+  """How much of the data a class-conditional generator covers, seen by a real-data classifier.
+
+  On the generated images (features and logits of a classifier trained on REAL data, labels
+  the ones each image was generated for):
+
+  * ``classes_predicted``: how many distinct classes the classifier ever predicts (a
+    generator that collapsed onto a few modes makes it predict few);
+  * ``label_agreement``: the fraction whose prediction is the label it was generated for;
+  * ``diversity`` / ``diversity_min``: per class ``c``, the spread ``sqrt(tr Cov)`` of the
+    generated images' features over the spread of the reference images of ``c`` (1: as
+    varied as real data; near 0: one image per class), averaged over classes / the worst
+    class. Classes with fewer than 2 images on either side are skipped (NaN if none is left).
+
+  Returns:
+    ``{"classes_predicted", "label_agreement", "diversity", "diversity_min"}`` as floats.
+  """
+  _validate.positive_int("num_classes", num_classes)
+  labels, reference_labels = np.asarray(labels), np.asarray(reference_labels)
+  if len(labels) != len(features) or len(reference_labels) != len(reference_features):
+    raise ValueError("features and labels must have one row per image, on both sides")
+  pred = np.argmax(np.asarray(logits), axis=-1)
+  ratios = []
+  for c in range(num_classes):
+    gen, ref = features[labels == c], reference_features[reference_labels == c]
+    if len(gen) >= 2 and len(ref) >= 2:
+      ratios.append(_class_spread(gen) / max(_class_spread(ref), 1e-12))
+  return {
+    "classes_predicted": float(len(np.unique(pred))),
+    "label_agreement": float(np.mean(pred == labels)),
+    "diversity": float(np.mean(ratios)) if ratios else float("nan"),
+    "diversity_min": float(np.min(ratios)) if ratios else float("nan"),
+  }
+
+
 def feature_scores(
   model: nn.Module,
   params: PyTree,
   reference_images: np.ndarray,
   images: np.ndarray,
   *,
+  reference_labels: np.ndarray | None = None,
+  labels: np.ndarray | None = None,
   chunk_size: int = 1000,
 ) -> dict[str, float]:
   """Feature-network FID of ``images`` against ``reference_images``, and IS of both.
@@ -261,11 +312,13 @@ def feature_scores(
     params: its parameters.
     reference_images: ``(N1, H, W, C)``, e.g. the real test set.
     images: ``(N2, H, W, C)``, e.g. the synthetic set.
+    reference_labels, labels: the two sets' labels; given both, the result also holds
+      :func:`mode_coverage` of ``images``.
     chunk_size: images per forward pass.
 
   Returns:
     ``{"fid": d^2 between the two feature Gaussians, "inception_score": IS of images,
-    "inception_score_reference": IS of reference_images}``.
+    "inception_score_reference": IS of reference_images}``, plus the mode coverage.
 
   References:
     Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. "GANs Trained by a Two Time-Scale
@@ -276,8 +329,11 @@ def feature_scores(
   f_ref, l_ref = classifier_outputs(model, params, reference_images, chunk_size=chunk_size)
   f_gen, l_gen = classifier_outputs(model, params, images, chunk_size=chunk_size)
   fid = frechet_distance(*feature_statistics(f_ref), *feature_statistics(f_gen))
-  return {
+  out = {
     "fid": fid,
     "inception_score": inception_score(l_gen),
     "inception_score_reference": inception_score(l_ref),
   }
+  if labels is not None and reference_labels is not None:
+    out.update(mode_coverage(f_gen, l_gen, labels, f_ref, reference_labels, l_ref.shape[-1]))
+  return out

@@ -26,6 +26,7 @@ __all__ = [
   "plot_member_losses",
   "plot_privacy_utility",
   "plot_roc",
+  "plot_series",
   "save_figure",
 ]
 
@@ -194,6 +195,60 @@ def plot_privacy_utility(
   ax.legend(loc="lower right", fontsize="small")
   if title:
     ax.set_title(title)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_series(
+  series: Mapping[str, Sequence[tuple[float | str, float, float]]],
+  path: str | os.PathLike[str],
+  *,
+  xlabel: str,
+  ylabel: str,
+  logx: bool = False,
+  title: str | None = None,
+) -> Path:
+  """A study's lines: one per label, the mean at each x with a +- std error bar.
+
+  Args:
+    series: label -> ``[(x, mean, std), ...]``; x numbers (sorted; a log axis with ``logx``)
+      or names (a categorical axis, in first-seen order). NaN means are left out.
+    path: PNG file to write.
+    xlabel, ylabel: the axis labels.
+    logx: a log x axis (numeric x only).
+    title: figure title.
+
+  Returns:
+    The path written.
+  """
+  names: list[str] = []
+  for points in series.values():
+    names += [str(x) for x, *_ in points if isinstance(x, str) and str(x) not in names]
+  fig = Figure(figsize=(5.5, 3.8))
+  ax = fig.subplots()
+  for label, points in series.items():
+    pts = [(x, m, sd) for x, m, sd in points if m is not None and math.isfinite(m)]
+    if not pts:
+      continue
+    if not names:
+      pts.sort(key=lambda p: float(p[0]))
+    xs = [names.index(str(p[0])) if names else float(p[0]) for p in pts]
+    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                label=label)  # fmt: skip
+  if names:
+    ax.set_xticks(range(len(names)), names)
+  elif logx:
+    ax.set_xscale("log")
+    ticks = sorted({float(x) for pts in series.values() for x, *_ in pts})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if len(ax.lines) or ax.containers:
+    ax.legend(loc="best", fontsize="small")
+  if title:
+    ax.set_title(title, fontsize="medium")
   fig.tight_layout()
   return save_figure(fig, path)
 

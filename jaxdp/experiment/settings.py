@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from typing import Any, ClassVar
 
 from jaxdp import _validate, accounting, data, parallel
@@ -31,6 +32,7 @@ __all__ = [
   "PrivacySettings",
   "RunSettings",
   "Settings",
+  "StudySettings",
   "SyntheticSettings",
   "VAESettings",
 ]
@@ -172,6 +174,33 @@ class DataSettings(Settings):
   test: bool = option(
     True, "read the test set once at the end for the reported numbers (--no-test: tuning)"
   )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudySettings(Settings):
+  """A study's cells (jaxdp.experiment.study): their data, seeds and shared flags."""
+
+  dataset: str = option("mnist", "dataset of every cell", choices=DATASETS)
+  data_dir: str | None = option(None, "IDX folder of every cell (else $JAXDP_DATA_DIR)")
+  seeds: int = option(3, "seeds per setting (0, 1, ...): the spread over seeds",
+                      check="positive_int")  # fmt: skip
+  delta: float = option(1e-5, "delta of every epsilon", check="fraction")
+  accountant: str = option("pld", "accountant of the study's composed epsilon",
+                           choices=accounting.ACCOUNTANTS)  # fmt: skip
+  cell_args: str = option("", "flags added to every cell's command, e.g. '--train-size 20000'")
+
+  def cell_flags(self) -> tuple[str, ...]:
+    """The flags every cell gets: data, delta, ``cell_args``, and the run settings that
+    cells inherit (``--quick``, ``--insecure-reproducible-noise``, ``--devices`` ...)."""
+    out = ["--dataset", self.dataset, "--delta", repr(self.delta)]
+    if self.data_dir:
+      out += ["--data-dir", self.data_dir]
+    for name in ("quick", "insecure_reproducible_noise", "tensorboard"):
+      if getattr(self, name, False):
+        out.append(flag(name))
+    if getattr(self, "devices", None):
+      out += ["--devices", str(self.devices)]
+    return (*out, *shlex.split(self.cell_args))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -443,8 +443,11 @@ class GeneratorTrainer:
       self.losses.append(loss)
 
   def epoch_loss(self, _: Any) -> dict[str, float]:
-    """The mean generator loss since the last call (post-processing of the DP critic)."""
-    value = float(np.mean(jax.device_get(self.losses))) if self.losses else float("nan")
+    """The mean generator loss since the last call (post-processing of the DP critic);
+    nothing when the generator has not stepped since (a NaN would read as divergence)."""
+    if not self.losses:
+      return {}
+    value = float(np.mean(jax.device_get(self.losses)))
     self.losses = []
     return {"generator_loss": value}
 
@@ -664,8 +667,14 @@ def evaluate_generator(
     seed=seed,
     name=f"synthetic/{slug(label)}",
   )
+  # A diverged generator's non-finite pixels become 0, so that its numbers can be measured
+  # (and show it); ``nonfinite_samples`` is the fraction of images that had any.
+  finite = np.isfinite(pool.images).reshape(len(pool), -1).all(axis=1)
+  if not finite.all():
+    pool = dataclasses.replace(pool, images=np.nan_to_num(pool.images, nan=0.0, posinf=1.0))
   synthetic, held_out = pool.subset(np.arange(num)), pool.subset(np.arange(num, num + held))
   entry: dict[str, Any] = {"num_samples": num, "held_out_samples": held}
+  entry["nonfinite_samples"] = float(1.0 - finite.mean())
   if run is not None:
     entry["synthetic_npz"] = run.save_dataset(label, synthetic, released=release)
   test_set = splits.final_test(label) if test else None
@@ -684,7 +693,7 @@ def evaluate_generator(
   )
   reference = test_set if test_set is not None else splits.validation
   if features is not None and reference is not None:
-    entry.update(fid_is(features, reference.images, synthetic.images))
+    entry.update(fid_is(features, reference, synthetic))
   return entry, synthetic
 
 
@@ -857,16 +866,16 @@ def run_feature_network(
 
 
 def fid_is(
-  features: tuple[nn.Module, PyTree], reference: np.ndarray, images: np.ndarray
+  features: tuple[nn.Module, PyTree], reference: data.Dataset, synthetic: data.Dataset
 ) -> dict[str, float]:
-  """Feature-network FID of ``images`` against ``reference`` and IS of both
-  (:func:`jaxdp.metrics.feature_scores`; not Inception FID / IS)."""
-  scores = feature_scores(*features, reference, images)
-  return {
-    "fid": scores["fid"],
-    "inception_score": scores["inception_score"],
-    "inception_score_real": scores["inception_score_reference"],
-  }
+  """Feature-network FID of ``synthetic`` against ``reference``, IS of both, and the mode
+  coverage of ``synthetic`` (:func:`jaxdp.metrics.feature_scores`; not Inception FID / IS)."""
+  scores = feature_scores(
+    *features, reference.images, synthetic.images, reference_labels=reference.labels,
+    labels=synthetic.labels,
+  )  # fmt: skip
+  scores["inception_score_real"] = scores.pop("inception_score_reference")
+  return scores
 
 
 def synthetic_table(entries: list[dict[str, Any]], generator: str) -> str:

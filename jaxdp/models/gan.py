@@ -36,15 +36,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdp import _validate
 from jaxdp._chunks import map_chunks
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
+from jaxdp.models import classifier
 
 PyTree = Any
 
 
+# The critic's activations: the classifier's (relu, tanh, elu, gelu, tempered sigmoid) and
+# the GAN literature's leaky ReLU (slope 0.2).
+CRITIC_ACTIVATIONS = ("leaky_relu", *classifier.ACTIVATIONS)
+
+
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  return {"leaky_relu": lambda x: nn.leaky_relu(x, 0.2), "relu": nn.relu, "tanh": jnp.tanh,
-          "elu": nn.elu}[name]  # fmt: skip
+  _validate.one_of("activation", name, CRITIC_ACTIVATIONS)
+  return (lambda x: nn.leaky_relu(x, 0.2)) if name == "leaky_relu" else classifier.activation(name)
 
 
 class ImageGenerator(nn.Module):

@@ -27,6 +27,7 @@ import optax
 
 from jaxdp._chunks import map_chunks
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
+from jaxdp.models import classifier
 
 PyTree = Any
 
@@ -158,6 +159,7 @@ class LatentVAE(nn.Module):
   num_classes: int = 10
   latent_dim: int = 16
   hidden: tuple[int, ...] = (256, 256)
+  activation: str = "elu"  # any of jaxdp.models.classifier.ACTIVATIONS
 
   def setup(self) -> None:
     self.enc = [nn.Dense(w) for w in self.hidden]
@@ -167,16 +169,18 @@ class LatentVAE(nn.Module):
     self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.code_dim,))
 
   def decode(self, z: jax.Array, y: jax.Array) -> jax.Array:
+    act = classifier.activation(self.activation)
     x = jnp.concatenate([z, jax.nn.one_hot(y, self.num_classes)], axis=-1)
     for layer in self.dec:
-      x = nn.elu(layer(x))
+      x = act(layer(x))
     return self.dec_out(x)
 
   def __call__(self, c: jax.Array, y: jax.Array, key: jax.Array):
     """``(decoded mean, log scale, KL)`` of a batch of codes."""
+    act = classifier.activation(self.activation)
     x = jnp.concatenate([c, jax.nn.one_hot(y, self.num_classes)], axis=-1)
     for layer in self.enc:
-      x = nn.elu(layer(x))
+      x = act(layer(x))
     stats = self.enc_out(x)
     mean, log_var = stats[:, : self.latent_dim], stats[:, self.latent_dim :]
     z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape)

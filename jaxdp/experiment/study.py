@@ -1,0 +1,316 @@
+"""Studies: many runs of the experiment scripts, collected into one table, CSV and figures.
+
+A study is a list of :class:`Cell` s, each one experiment script with its own flags (a
+generator at an epsilon and a seed; a classifier at one clip norm). :func:`run_cells` runs
+them one after another, each in its own process and its own complete run folder::
+
+    <study folder>/
+      config.json, metrics.json     the study's settings; its rows and summary, and the
+                                    privacy of releasing every DP cell together
+      cells.csv, summary.csv        one row per cell; mean / std / min / max over seeds
+      plots/*.png                   utility and FID against the swept value; image grids
+      cells/<cell>/                 each cell's own run folder (its own nondp/ inside)
+      cells/<cell>/study_cell.json  the cell's command, tags and process wall time
+      nondp/logs/<cell>.log         each cell's console output (not released)
+
+Privacy: every cell draws its own secret noise and batches (nothing is shared between cells,
+because each is a separate run with its own OS entropy), and its own ledger says what its
+release costs. Every cell reads the same private split, so releasing the whole study costs
+the COMPOSITION of the cells' ledgers: :func:`study_ledger` builds it, and the study's
+``metrics.json["privacy"]`` reports it. A cell run without DP writes its results under its
+own ``nondp/``, and the study copies them only into its own ``nondp/``.
+
+Resumable: a cell whose ``study_cell.json`` exists is read, not rerun; a cell that did not
+finish is deleted and run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdp import accounting
+from jaxdp.experiment.runs import NONDP, RunFolder, format_table
+
+__all__ = [
+  "Cell",
+  "CellError",
+  "aggregate",
+  "read_cell",
+  "release",
+  "run_cells",
+  "study_ledger",
+  "write_csv",
+]
+
+# The repository root: experiment scripts are named relative to it.
+ROOT = Path(__file__).resolve().parents[2]
+CELL_FILE = "study_cell.json"
+
+
+class CellError(RuntimeError):
+  """A cell's script exited with an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One run of a study.
+
+  Attributes:
+    name: its run folder's name (unique within the study; a plain folder name).
+    script: the experiment script, relative to the repository root.
+    flags: its command-line flags (``--out``, ``--name`` and ``--no-progress`` are added).
+    tags: what the cell stands for in the tables, e.g. ``{"generator": "dp-vae",
+      "epsilon": 3.0, "seed": 0}``.
+  """
+
+  name: str
+  script: str
+  flags: tuple[str, ...]
+  tags: Mapping[str, Any]
+
+  def command(self, cells_dir: Path, python: str = sys.executable) -> list[str]:
+    """The command line that runs the cell into ``cells_dir / name``."""
+    return [python, str(ROOT / self.script), *self.flags, "--out", str(cells_dir),
+            "--name", self.name, "--no-progress"]  # fmt: skip
+
+
+def run_cells(
+  cells: Sequence[Cell],
+  folder: Path,
+  *,
+  python: str = sys.executable,
+  env: Mapping[str, str] | None = None,
+  echo: bool = True,
+) -> list[dict[str, Any]]:
+  """Runs every cell not yet finished (in order, one process each); returns one row per cell.
+
+  Args:
+    cells: the study's cells (distinct names).
+    folder: the study folder; cell ``c`` writes ``folder/cells/c.name``.
+    python: the interpreter that runs the scripts.
+    env: extra environment variables of the cells' processes.
+    echo: print one line per cell (what runs, then its headline numbers).
+
+  Returns:
+    :func:`read_cell` of each cell, with ``tags`` merged in and ``process_time_s``.
+
+  Raises:
+    CellError: a cell's script failed; the message names the cell and its log.
+  """
+  names = [c.name for c in cells]
+  if len(set(names)) != len(names):
+    raise ValueError(f"cell names must be distinct, got {names}")
+  cells_dir, logs = folder / "cells", folder / NONDP / "logs"
+  logs.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for i, cell in enumerate(cells, 1):
+    run_dir = cells_dir / cell.name
+    marker = run_dir / CELL_FILE
+    if not marker.is_file():
+      shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell runs again from scratch
+      command = cell.command(cells_dir, python)
+      if echo:
+        print(f"[{i}/{len(cells)}] {cell.name}: {' '.join(command[1:])}", flush=True)
+      t0 = time.perf_counter()
+      with (logs / f"{cell.name}.log").open("w") as log:
+        proc = subprocess.run(
+          command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+      if proc.returncode != 0:
+        raise CellError(
+          f"study cell {cell.name} failed (exit {proc.returncode}); see {logs / cell.name}.log"
+        )
+      info = {"command": command[1:], "tags": dict(cell.tags),
+              "process_time_s": time.perf_counter() - t0}  # fmt: skip
+      marker.write_text(json.dumps(info, indent=2) + "\n")
+    info = json.loads(marker.read_text())
+    row = {"cell": cell.name, **cell.tags, **read_cell(run_dir)}
+    row["process_time_s"] = info["process_time_s"]
+    rows.append(row)
+    if echo:
+      shown = {k: row.get(k) for k in ("test_accuracy", "validation_accuracy", "fid", "epsilon")}
+      print(f"      done in {info['process_time_s']:.0f} s: {_short(shown)}", flush=True)
+  return rows
+
+
+def _short(values: Mapping[str, Any]) -> str:
+  return ", ".join(
+    f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)) and v is not None
+  )
+
+
+def _history_finite(history: Any) -> bool:
+  """Whether every number in a model's per-epoch history is finite."""
+  if isinstance(history, Mapping):
+    return all(_history_finite(v) for v in history.values())
+  if isinstance(history, (list, tuple)):
+    return all(_history_finite(v) for v in history)
+  return not isinstance(history, float) or math.isfinite(history)
+
+
+def read_cell(run_dir: Path) -> dict[str, Any]:
+  """The headline numbers of a finished run folder of any experiment script.
+
+  A synthetic-data run's first pipeline, or a classifier run's first model: released
+  (``metrics.json``) when private, else from ``nondp/metrics.json``.
+
+  Returns:
+    ``private``, ``epsilon`` (PLD; inf without DP), ``test_accuracy``,
+    ``validation_accuracy`` (the downstream classifier's for a generator), ``fid``,
+    ``inception_score``, the mode coverage (``classes_predicted``, ``label_agreement``,
+    ``diversity``, ``diversity_min``), ``nonfinite_samples``, ``train_time_s``,
+    ``diverged`` (a non-finite number in the training history, or non-finite samples),
+    ``synthetic_npz`` (the path of a generator's synthetic set) and ``ledger`` (the cell's
+    privacy ledger, None without DP); None where not measured.
+  """
+  metrics = json.loads((run_dir / "metrics.json").read_text())
+  entries = metrics.get("pipelines") or metrics.get("models") or []
+  private = bool(entries)
+  if not private:
+    nondp = json.loads((run_dir / NONDP / "metrics.json").read_text())
+    entries = nondp.get("pipelines") or nondp.get("models") or []
+  if not entries:
+    raise ValueError(f"{run_dir}: metrics.json names no pipeline or model")
+  e = entries[0]
+  scores = e.get("downstream", e)
+  keys = ("fid", "inception_score", "classes_predicted", "label_agreement", "diversity",
+          "diversity_min", "nonfinite_samples", "train_time_s")  # fmt: skip
+  row: dict[str, Any] = {"private": private, "epsilon": e.get("epsilon_pld", math.inf)}
+  row["test_accuracy"] = scores.get("test_accuracy")
+  row["validation_accuracy"] = scores.get("validation_accuracy")
+  row.update({k: e.get(k) for k in keys})
+  row["diverged"] = not _history_finite(e.get("history", [])) or bool(e.get("nonfinite_samples"))
+  row["synthetic_npz"] = str(run_dir / e["synthetic_npz"]) if e.get("synthetic_npz") else None
+  row["ledger"] = metrics["privacy"]["ledger"] if private else None
+  return row
+
+
+def study_ledger(rows: Sequence[Mapping[str, Any]]) -> accounting.PrivacyLedger:
+  """The privacy of releasing every DP cell together: each cell's ledger entries, named
+  ``<cell>/<entry>``, in one ledger (they all read the same private split)."""
+  entries = []
+  for row in rows:
+    for entry in (row.get("ledger") or {}).get("entries", []):
+      entries.append({**entry, "name": f"{row['cell']}/{entry['name']}"})
+  return accounting.PrivacyLedger.from_dict({"entries": entries})
+
+
+def aggregate(
+  rows: Sequence[Mapping[str, Any]], by: Sequence[str], values: Sequence[str]
+) -> list[dict[str, Any]]:
+  """Rows grouped by the tags ``by`` (in first-seen order): for each of ``values`` the mean,
+  sample std (0 for one row), min and max over the group's finite values; ``runs`` (the
+  group's size) and ``diverged`` (how many of its runs diverged)."""
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row.get(k) for k in by), []).append(row)
+  out = []
+  for key, members in groups.items():
+    summary: dict[str, Any] = dict(zip(by, key, strict=True))
+    summary["runs"] = len(members)
+    summary["diverged"] = sum(bool(m.get("diverged")) for m in members)
+    for v in values:
+      xs = np.asarray(
+        [float(m[v]) for m in members if isinstance(m.get(v), (int, float))], np.float64
+      )
+      xs = xs[np.isfinite(xs)]
+      stats = (
+        (xs.mean(), xs.std(ddof=1) if len(xs) > 1 else 0.0, xs.min(), xs.max())
+        if len(xs)
+        else (math.nan,) * 4
+      )
+      for name, stat in zip(("mean", "std", "min", "max"), stats, strict=True):
+        summary[f"{v}_{name}"] = float(stat)
+    out.append(summary)
+  return out
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+  """``rows`` as CSV, one column per key seen (in first-seen order); nested values (the
+  ledger) are left out."""
+  columns: list[str] = []
+  for row in rows:
+    columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (dict, list))]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", newline="") as f:
+    writer = csv.DictWriter(f, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def summary_table(
+  summary: Sequence[Mapping[str, Any]], by: Sequence[str], utility: str
+) -> str:  # fmt: skip
+  """The printed table of a study: the group tags, then utility (mean +- std over seeds,
+  percent), FID, IS, classes predicted (min), diversity, diverged runs and wall time."""
+  pct = lambda s, v: "-" if math.isnan(s[f"{v}_mean"]) else (
+    f"{100 * s[f'{v}_mean']:.2f} +- {100 * s[f'{v}_std']:.2f}%")  # fmt: skip
+  num = lambda s, v, f=".2f": "-" if math.isnan(s.get(f"{v}_mean", math.nan)) else (
+    format(s[f"{v}_mean"], f))  # fmt: skip
+  rows = [
+    [*(str(s[k]) for k in by), pct(s, utility), num(s, "fid"), num(s, "inception_score"),
+     "-" if math.isnan(s.get("classes_predicted_min", math.nan)) else
+     f"{s['classes_predicted_min']:.0f}", num(s, "diversity"), f"{s['diverged']}/{s['runs']}",
+     f"{s['process_time_s_mean']:.0f} s"]
+    for s in summary
+  ]  # fmt: skip
+  head = [*by, utility.replace("_", " "), "FID", "IS", "classes", "diversity", "diverged",
+          "wall time"]  # fmt: skip
+  return format_table(head, rows)
+
+
+def release(
+  out: RunFolder,
+  rows: Sequence[Mapping[str, Any]],
+  *,
+  by: Sequence[str],
+  values: Sequence[str],
+  utility: str,
+  info: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Writes a finished study: the DP cells' rows (``cells.csv``), their summary over seeds
+  (``summary.csv``) and ``metrics.json``, whose privacy composes every DP cell's ledger
+  (:func:`study_ledger`); the non-DP cells' rows and summary only under ``nondp/``. Prints
+  both tables.
+
+  Returns:
+    ``(summary of the DP cells, summary of the non-DP cells)`` (:func:`aggregate` by ``by``).
+  """
+  private = [dict(r) for r in rows if r["private"]]
+  nonprivate = [dict(r) for r in rows if not r["private"]]
+  out.ledger = study_ledger(private)
+  summary, reference = aggregate(private, by, values), aggregate(nonprivate, by, values)
+  write_csv(out.path / "cells.csv", private)
+  write_csv(out.path / "summary.csv", summary)
+  if nonprivate:
+    write_csv(out.file("cells.csv", released=False), nonprivate)
+    write_csv(out.file("summary.csv", released=False), reference)
+  cells = [{k: v for k, v in r.items() if k != "ledger"} for r in private]
+  metrics = out.finish(
+    {**info, "cells": cells, "summary": summary},
+    nondp={"cells": nonprivate, "summary": reference} if nonprivate else None,
+  )
+  print(f"wrote {out.path}")
+  if summary:
+    print(summary_table(summary, by, utility))
+    p = metrics["privacy"]
+    print(f"released: every DP cell together, epsilon {p['epsilon_pld']:.3f} (PLD) at delta "
+          f"{p['delta']:g}")  # fmt: skip
+  if reference:
+    print("without DP (nondp/, not released):")
+    print(summary_table(reference, by, utility))
+  return summary, reference
