@@ -14,6 +14,7 @@ from jaxdp import (
   accounting,
   clipping,
   data,
+  grad,
   keys,
   metrics,
   noise,
@@ -29,6 +30,7 @@ from jaxdp.accounting import (
 )
 from jaxdp.clipping import ClippedSum
 from jaxdp.data import Dataset, load_dataset, synthetic_dataset, synthetic_splits
+from jaxdp.grad import PrivacyPlan, PrivateGradient, private_grad
 from jaxdp.keys import KeySource, secure_key
 from jaxdp.metrics import evaluate_classifier
 from jaxdp.noise import add_gaussian_noise, privatize
@@ -46,6 +48,8 @@ __all__ = [
   "PhysicalBatch",
   "PoissonSampler",
   "PrivacyLedger",
+  "PrivacyPlan",
+  "PrivateGradient",
   "ShuffledSampler",
   "Step",
   "TrainState",
@@ -57,6 +61,7 @@ __all__ = [
   "dpsgd_event",
   "epsilon",
   "evaluate_classifier",
+  "grad",
   "init_state",
   "keys",
   "load_dataset",
@@ -64,6 +69,7 @@ __all__ = [
   "metrics",
   "noise",
   "parallel",
+  "private_grad",
   "privatize",
   "sampling",
   "secure_key",

@@ -22,7 +22,6 @@ state stays replicated, identical on every device (:mod:`jaxdp.parallel`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -32,62 +31,23 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxdp import _cpu_flags, _validate, parallel
-from jaxdp.clipping import fast, reference
-from jaxdp.clipping._common import (
-  ClippedSum,
-  PerExampleLoss,
-  after,
-  nonfinite_rows,
-  split_loss,
-  stack_rngs,
+from jaxdp import _cpu_flags, parallel
+from jaxdp.clipping._common import ClippedSum, PerExampleLoss, stack_rngs
+from jaxdp.grad import (  # noqa: F401  (re-exported: the step's settings live with the mechanism)
+  AUTO_MICROBATCH,
+  ENGINES,
+  MAX_AUTO_MICROBATCHES,
+  DPConfig,
+  PrivateGradient,
+  batch_stats,
+  check_microbatch_size,
+  microbatch_rows,
+  parse_microbatch_size,
 )
 from jaxdp.keys import secure_key
-from jaxdp.noise import privatize
 from jaxdp.parallel import DATA_AXIS
 
 PyTree = Any
-ENGINES = ("auto", "fast", "reference")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DPConfig:
-  """The privacy settings of the step.
-
-  Attributes:
-    l2_norm_clip: clipping bound C > 0 on each example's global gradient norm, or a pytree
-      of bounds that is a prefix of the params (per-layer clipping; sensitivity
-      sqrt(sum C_k^2)).
-    noise_multiplier: sigma >= 0; the noise std on the summed gradient is sigma * sensitivity.
-    engine: "auto" (fast engine for global clipping, reference for per-layer), "fast" or
-      "reference" (``vmap(grad)``).
-  """
-
-  l2_norm_clip: float | PyTree
-  noise_multiplier: float
-  engine: str = "auto"
-
-  def __post_init__(self) -> None:
-    for c in jax.tree_util.tree_leaves(self.l2_norm_clip):
-      _validate.positive("l2_norm_clip", c)
-    if not jax.tree_util.tree_leaves(self.l2_norm_clip):
-      raise ValueError("l2_norm_clip must be a number > 0 or a non-empty pytree of them")
-    _validate.non_negative("noise_multiplier", self.noise_multiplier)
-    _validate.one_of("engine", self.engine, ENGINES)
-    if self.engine == "fast" and not self.global_clipping:
-      raise ValueError("engine='fast' supports a single float l2_norm_clip; use 'reference'")
-
-  @property
-  def global_clipping(self) -> bool:
-    """True when one bound applies to the whole gradient."""
-    return isinstance(self.l2_norm_clip, (int, float))
-
-  @property
-  def resolved_engine(self) -> str:
-    """The engine the step runs: 'fast' or 'reference'."""
-    if self.engine == "auto":
-      return "fast" if self.global_clipping else "reference"
-    return self.engine
 
 
 class TrainState(NamedTuple):
@@ -113,50 +73,6 @@ def init_state(
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
-# "auto" microbatch sizes per JAX backend. On the 2-core CPU the TF-Privacy CNN at batch 1024
-# runs about 1.1x faster in microbatches of 256 than in one piece, with a quarter of the
-# working memory; 128 is no faster. GPUs want the whole batch at once. Each microbatch is
-# its own copy of the program (a loop would run XLA's CPU fusions on one thread), so "auto"
-# takes at most MAX_AUTO_MICROBATCHES of them: compile time grows with their number.
-AUTO_MICROBATCH: dict[str, int] = {"cpu": 256}
-MAX_AUTO_MICROBATCHES = 8
-
-
-def check_microbatch_size(
-  microbatch_size: int | str | None, name: str = "microbatch_size"
-) -> int | str | None:
-  """Returns a valid ``microbatch_size`` (an int >= 1, None or "auto"), else raises."""
-  if microbatch_size is None:
-    return None
-  if isinstance(microbatch_size, str):
-    return _validate.one_of(name, microbatch_size, ("auto",))
-  return _validate.positive_int(name, microbatch_size)
-
-
-def parse_microbatch_size(text: str, name: str = "microbatch_size") -> int | str | None:
-  """A command-line value: "auto", "none" (no split) or an integer >= 1."""
-  word = text.strip().lower()
-  if word in ("auto", "none"):
-    return None if word == "none" else "auto"
-  try:
-    value = int(word)
-  except ValueError:
-    raise ValueError(f"{name} must be auto, none or an integer >= 1; got {text!r}") from None
-  return check_microbatch_size(value, name)
-
-
-def microbatch_rows(
-  microbatch_size: int | str | None, batch_size: int, backend: str | None = None
-) -> int | None:
-  """Rows per microbatch for a physical batch of ``batch_size`` (None: no split)."""
-  if microbatch_size != "auto":
-    return microbatch_size
-  rows = AUTO_MICROBATCH.get(backend or jax.default_backend())
-  if rows is None:
-    return None
-  return max(rows, -(-batch_size // MAX_AUTO_MICROBATCHES))
-
-
 def _gather(data: PyTree, indices: jax.Array, rows: PyTree = None) -> PyTree:
   """The batch ``data[indices]``, with the per-row side inputs ``rows`` merged in."""
   batch = jax.tree_util.tree_map(lambda x: jnp.take(x, indices, axis=0), data)
@@ -168,32 +84,6 @@ def _gather(data: PyTree, indices: jax.Array, rows: PyTree = None) -> PyTree:
   if clash:
     raise ValueError(f"rows must not reuse the data's keys, got {clash}")
   return {**batch, **rows}
-
-
-def _batch_stats(cs: ClippedSum, mask: jax.Array, private: bool) -> dict[str, jax.Array]:
-  """Batch means of the step's statistics (non-DP diagnostics of the batch).
-
-  Private steps: the loss and norm statistics are over the real rows with a finite gradient
-  norm; ``clip_fraction`` counts every real row with a factor below 1 (those with a
-  non-finite norm included, their factor is 0) and ``nonfinite_fraction`` those alone.
-  """
-  n = jnp.sum(mask)
-  denom = jnp.maximum(n, 1)
-  if not private:
-    return {"loss": jnp.sum(cs.losses) / denom, "batch_size": n}
-  norms = cs.per_example_norms
-  bad = nonfinite_rows(norms, mask)
-  ok = mask & ~bad
-  finite = jnp.maximum(jnp.sum(ok), 1)
-  return {
-    "loss": jnp.sum(jnp.where(ok, cs.losses, 0.0)) / finite,
-    "batch_size": n,
-    "grad_norm_mean": jnp.sum(jnp.where(ok, norms, 0.0)) / finite,
-    "grad_norm_median": jnp.nanmedian(jnp.where(ok, norms, jnp.nan)),
-    "clip_fraction": jnp.sum(mask & (cs.clip_factors < 1.0)) / denom,
-    "nonfinite_fraction": jnp.sum(bad) / denom,
-    "grad_norms": norms,
-  }
 
 
 class _Jit:
@@ -227,8 +117,13 @@ class _Jit:
     return self._pick(*args).lower(*args)
 
 
-class Step:
-  """A jitted DP (or plain) training step; build it with :func:`make_step`."""
+class Step(PrivateGradient):
+  """A jitted DP (or plain) training step; build it with :func:`make_step`.
+
+  A :class:`jaxdp.grad.PrivateGradient` (the clipping and the noise, one path with
+  :func:`jaxdp.grad.private_grad`) with an optimiser, a device mesh and gradient
+  accumulation over physical batches around it.
+  """
 
   def __init__(
     self,
@@ -242,19 +137,9 @@ class Step:
   ) -> None:
     if mesh is not None and DATA_AXIS not in mesh.shape:
       raise ValueError(f"mesh must have an axis named {DATA_AXIS!r}, got axes {mesh.axis_names}")
+    super().__init__(loss_fn, privacy, expected_batch_size, has_aux, microbatch_size)
     self.mesh = mesh
-    self.loss_fn = loss_fn
     self.optimizer = optimizer
-    self.privacy = privacy
-    self.has_aux = has_aux
-    if privacy is not None:
-      if expected_batch_size is None:
-        raise ValueError(
-          "expected_batch_size is required for a private step (it normalises the noisy sum)"
-        )
-      _validate.positive("expected_batch_size", expected_batch_size)
-    self.expected_batch_size = expected_batch_size
-    self.microbatch_size = check_microbatch_size(microbatch_size)
     self.trace_count = 0  # how many times the fused step was traced (compiled)
     # The private step's per-example dots run faster through oneDNN on the CPU (see
     # jaxdp/_cpu_flags.py); the non-private step is left to XLA's defaults.
@@ -272,60 +157,7 @@ class Step:
     """``tree`` (a state, the dataset) replicated on the step's mesh; as is without one."""
     return parallel.replicate(tree, self.mesh)
 
-  @property
-  def engine(self) -> str:
-    """'fast', 'reference', or 'none' for the non-private step."""
-    return "none" if self.privacy is None else self.privacy.resolved_engine
-
   # -- pieces ---------------------------------------------------------------------------
-
-  def clipped_sum(
-    self, params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array
-  ) -> ClippedSum:
-    """Sum of (clipped, if private) per-example gradients of one physical batch; jittable.
-
-    With a ``microbatch_size`` smaller than the batch, the rows are taken in sequential
-    microbatches (the last padded with masked rows) whose sums are added: the same numbers
-    up to the order of float additions, with the working memory of one microbatch. Every
-    row keeps the key it has without microbatching.
-    """
-    mask = jnp.asarray(mask).astype(bool)
-    return self._clipped_rows(params, batch, mask, stack_rngs(rng, mask.shape[0]))
-
-  def _clipped_rows(self, params, batch, mask, rngs) -> ClippedSum:
-    """:meth:`clipped_sum` with one given key per row."""
-    p = mask.shape[0]
-    m = microbatch_rows(self.microbatch_size, p)
-    if m is None or p <= m:
-      return self._sum_rows(params, batch, mask, rngs)
-    n = -(-p // m)
-    size = -(-p // n)  # n near-equal microbatches of at most m rows
-    pad = n * size - p
-    if pad:
-      # Padding rows repeat the first rows (any valid input) and are masked out.
-      grow = lambda x: jnp.concatenate([x, x[:pad]], axis=0)
-      batch = jax.tree_util.tree_map(grow, batch)
-      rngs = grow(rngs)
-      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
-    parts: list[ClippedSum] = []
-    total = None
-    for c in range(n):
-      rows = slice(c * size, (c + 1) * size)
-      params_c, batch_c = params, jax.tree_util.tree_map(lambda x, r=rows: x[r], batch)
-      if total is not None:
-        params_c, batch_c = after(total, (params_c, batch_c))
-      cs = self._sum_rows(params_c, batch_c, mask[rows], rngs[rows])
-      g = cs.sum_of_clipped_grads
-      total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
-      parts.append(cs)
-    cat = lambda *xs: jnp.concatenate(xs, axis=0)[:p]
-    return ClippedSum(
-      total,
-      cat(*[cs.per_example_norms for cs in parts]),
-      cat(*[cs.clip_factors for cs in parts]),
-      cat(*[cs.losses for cs in parts]),
-      jax.tree_util.tree_map(cat, *[cs.aux for cs in parts]),
-    )
 
   def _all_reduce(self, tree: PyTree) -> PyTree:
     """The sum over the mesh's devices of each device's ``tree`` (inside ``shard_map``).
@@ -363,50 +195,8 @@ class Step:
     )
     return sharded(params, data, indices, mask, stack_rngs(rng, mask.shape[0]), rows)
 
-  def _sum_rows(self, params, batch, mask, rngs) -> ClippedSum:
-    if self.privacy is None:
-      return self._plain_sum(params, batch, mask, rngs)
-    if self.engine == "fast":
-      return fast.clipped_sum(
-        self.loss_fn,
-        params,
-        batch,
-        mask,
-        rngs,
-        float(self.privacy.l2_norm_clip),
-        has_aux=self.has_aux,
-      )
-    return reference.clipped_sum(
-      self.loss_fn, params, batch, mask, rngs, self.privacy.l2_norm_clip, has_aux=self.has_aux
-    )
-
-  def _plain_sum(self, params, batch, mask, rngs) -> ClippedSum:
-    def total(p):
-      out = jax.vmap(
-        lambda ex, r: split_loss(self.loss_fn(p, ex, r), self.has_aux), in_axes=(0, 0)
-      )(batch, rngs)
-      losses, aux = out
-      losses = jnp.where(mask, losses, 0.0)
-      return jnp.sum(losses), (losses, aux)
-
-    grads, (losses, aux) = jax.grad(total, has_aux=True)(params)
-    ones = mask.astype(jnp.float32)
-    return ClippedSum(grads, jnp.zeros_like(ones), ones, losses, aux)
-
   def _update(self, state: TrainState, summed: PyTree, n_real: jax.Array, noise_key: jax.Array):
-    if self.privacy is None:
-      grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(n_real, 1), summed)
-    else:
-      grads = privatize(
-        summed,
-        noise_key,
-        l2_norm_clip=self.privacy.l2_norm_clip,
-        noise_multiplier=self.privacy.noise_multiplier,
-        normalizer=float(self.expected_batch_size),
-      )
-      # The clipped sum and its noise are float32 whatever the parameters' dtype; rounding
-      # the noised gradient to it is post-processing.
-      grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grads = self.noised_gradient(summed, n_real, noise_key, state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return params, opt_state
@@ -423,7 +213,7 @@ class Step:
       state.params, data, indices, mask, jax.random.fold_in(example_key, 0), rows
     )
     params, opt_state = self._update(state, cs.sum_of_clipped_grads, jnp.sum(mask), noise_key)
-    metrics = _batch_stats(cs, mask, self.privacy is not None)
+    metrics = batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       metrics["aux"] = cs.aux
     return TrainState(state.step + 1, params, opt_state, rng), metrics
@@ -434,7 +224,7 @@ class Step:
     cs = self._batch_sum(
       state.params, data, indices, mask, jax.random.fold_in(example_key, chunk), rows
     )
-    stats = _batch_stats(cs, mask, self.privacy is not None)
+    stats = batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       stats["aux"] = cs.aux
     return cs.sum_of_clipped_grads, stats

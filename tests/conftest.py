@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
 
@@ -182,7 +183,34 @@ class Scanned(nn.Module):
     return nn.Dense(5)(x)
 
 
+class NNXNet(nnx.Module):
+  """A Flax NNX model with every layer the fast engine records for NNX: Embed (of pixel
+  tokens), strided and VALID Conv, LayerNorm, GroupNorm, RMSNorm, Linear, and a Linear
+  called twice (weight sharing)."""
+
+  def __init__(self, rngs: nnx.Rngs) -> None:
+    self.embed = nnx.Embed(5, 3, rngs=rngs)
+    self.conv1 = nnx.Conv(4, 4, (3, 3), strides=2, rngs=rngs)
+    self.norm = nnx.LayerNorm(4, rngs=rngs)
+    self.conv2 = nnx.Conv(4, 6, (3, 3), padding="VALID", rngs=rngs)
+    self.groups = nnx.GroupNorm(6, num_groups=2, rngs=rngs)
+    self.hidden = nnx.Linear(6 * 4 * 4, 8, rngs=rngs)
+    self.rms = nnx.RMSNorm(8, rngs=rngs)
+    self.shared = nnx.Linear(8, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 5, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    tokens = jnp.clip(jnp.nan_to_num(jnp.round(x[..., 0])) + 2, 0, 4).astype(jnp.int32)
+    x = jnp.concatenate([x, self.embed(tokens)], axis=-1)
+    x = jnp.tanh(self.norm(self.conv1(x)))
+    x = jnp.tanh(self.groups(self.conv2(x)))
+    x = jnp.tanh(self.rms(self.hidden(x.reshape(*x.shape[:-3], -1))))
+    x = jnp.tanh(self.shared(jnp.tanh(self.shared(x))))
+    return self.out(x)
+
+
 MODELS = {
+  "nnx": NNXNet,
   "cnn": TinyCNN,
   "mlp": TinyMLP,
   "groupnorm": TinyGroupNorm,
@@ -202,17 +230,23 @@ MODELS = {
 
 def make_problem(name: str, batch_size: int = 12, seed: int = 0):
   """(loss_fn, params, batch) for a tiny model with 5 classes on 12x12x1 inputs."""
-  model = MODELS[name]()
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   images = jax.random.normal(k1, (batch_size, 12, 12, 1))
   # Scale some examples up so that some gradients are above and some below the bound.
   images = images * jnp.linspace(0.1, 3.0, batch_size)[:, None, None, None]
   labels = jax.random.randint(k2, (batch_size,), 0, 5)
-  params = model.init(k3, images[:1])["params"]
+  if isinstance(MODELS[name], type) and issubclass(MODELS[name], nnx.Module):
+    # NNX: the params pytree is the model's nnx.Param state, merged back inside the loss.
+    graphdef, params = nnx.split(MODELS[name](nnx.Rngs(seed)), nnx.Param)
+    apply = lambda p, x: nnx.merge(graphdef, p)(x)
+  else:
+    model = MODELS[name]()
+    params = model.init(k3, images[:1])["params"]
+    apply = lambda p, x: model.apply({"params": p}, x)
 
   def loss_fn(p, ex, rng):
     del rng
-    logits = model.apply({"params": p}, ex["image"][None])[0]
+    logits = apply(p, ex["image"][None])[0]
     logz = jax.nn.logsumexp(logits)
     return logz - logits[ex["label"]]
 

@@ -184,6 +184,7 @@ def check_scenarios(got, index, ref=None, clip=CLIP, unit=1.0):
 ENGINE_CASES = [
   (m, h)
   for m in (
+    "nnx",
     "cnn",
     "mlp",
     "groupnorm",
@@ -198,7 +199,8 @@ ENGINE_CASES = [
   )
   for h in ("auto", "ghost")
 ]
-ENGINE_CASES += [(m, "gram") for m in ("cnn", "smallmaps", "strided", "s2d", "pairs", "unread")]
+GRAM_MODELS = ("nnx", "cnn", "smallmaps", "strided", "s2d", "pairs", "unread")
+ENGINE_CASES += [(m, "gram") for m in GRAM_MODELS]
 
 
 @pytest.mark.parametrize("name, how", ENGINE_CASES)
@@ -253,6 +255,9 @@ def _plan_summary(name):
 
 
 def test_fast_engine_plans_the_expected_rules():
+  # Flax NNX, no rewrite: Linear and Conv take the dense and conv rules; Embed, the norms and
+  # the Linear called twice (2 calls) their own vjp; nothing on vmap.
+  assert _plan_summary("nnx") == {"vjp": 6, "conv": 2, "dense": 2, "vmap_leaves": 0}
   assert _plan_summary("cnn") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # GroupNorm via its own vjp, the custom self.param via vmap.
   assert _plan_summary("groupnorm") == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}

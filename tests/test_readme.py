@@ -28,3 +28,24 @@ def test_readme_example_trains_privately(monkeypatch, capsys):
   out = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.strip().splitlines()[-2:])
   assert 2.9 <= float(out["epsilon"]) <= 3.0
   assert float(out["test accuracy"]) > 0.5
+
+
+LIBRARY = README.parent / "docs" / "library.md"
+
+
+def library_examples() -> list[str]:
+  """The python blocks of docs/library.md's "Any JAX model" section (NNX; plain function)."""
+  text = LIBRARY.read_text()
+  section = text[text.index("## Any JAX model") :]
+  return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", [0, 1], ids=["nnx", "plain_function_own_loop"])
+def test_library_examples_train_privately(which, monkeypatch, capsys):
+  code = library_examples()[which]
+  monkeypatch.setattr(jaxdp, "load_dataset", lambda name: jaxdp.synthetic_splits(2000, 300))
+  exec(compile(code, str(LIBRARY), "exec"), {})
+  out = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.strip().splitlines()[-2:])
+  assert 2.9 <= float(out["epsilon"]) <= 3.0
+  assert float(out["test accuracy"]) > 0.5

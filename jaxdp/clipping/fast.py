@@ -58,10 +58,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -72,6 +73,7 @@ from flax.core import tracers as flax_tracers
 from flax.linen import dtypes as flax_dtypes
 
 from jaxdp import conv
+from jaxdp.clipping import _nnx
 from jaxdp.clipping._common import (
   ClippedSum,
   PerExampleLoss,
@@ -214,7 +216,7 @@ def _leaf_call(ctx: Any, args: tuple, kwargs: dict, root: Any) -> Mapping[str, A
     return None
   if not _is_array(args[0]) or flax_tracers.current_trace() != root:
     return None
-  return _own_params(ctx.module)
+  return _ctx_params(ctx)
 
 
 def _inside_transform(ctx: Any, root: Any) -> bool:
@@ -223,8 +225,20 @@ def _inside_transform(ctx: Any, root: Any) -> bool:
     not _busy()
     and ctx.method_name == "__call__"
     and flax_tracers.current_trace() != root
-    and _own_params(ctx.module) is not None
+    and _ctx_params(ctx) is not None
   )
+
+
+def _ctx_params(ctx: Any) -> Mapping[str, Any] | None:
+  """The parameters of an intercepted call's layer (Linen or NNX), or None."""
+  return _nnx.params_of(ctx) if _nnx.is_context(ctx) else _own_params(ctx.module)
+
+
+@contextlib.contextmanager
+def _intercepted(interceptor: Any) -> Iterator[None]:
+  """Linen's ``intercept_methods`` and the NNX layers' equivalent (:mod:`._nnx`) at once."""
+  with nn.intercept_methods(interceptor), _nnx.intercept(interceptor):
+    yield
 
 
 def discover(
@@ -254,7 +268,8 @@ def discover(
       own = _leaf_call(ctx, args, kwargs, root)
       if own is None:
         if _inside_transform(ctx, root):
-          lifted.append(type(ctx.module).__name__)
+          layer = ctx.layer if _nnx.is_context(ctx) else ctx.module
+          lifted.append(type(layer).__name__)
         return next_fun(*args, **kwargs)
       names = tuple(sorted(own))
       leaf_ids = tuple(ids.get(id(own[n]), -1) for n in names)
@@ -274,7 +289,7 @@ def discover(
       )
       return y
 
-    with nn.intercept_methods(interceptor):
+    with _intercepted(interceptor):
       loss, _ = split_loss(
         loss_fn(jax.tree_util.tree_unflatten(treedef, leaves_), ex, key), has_aux
       )
@@ -314,7 +329,26 @@ def discover(
     calls = [c for c in calls if not leaked.intersection(c.leaf_ids)]
     covered = sorted({i for c in calls for i in c.leaf_ids})
   rest = tuple(i for i in range(len(leaves)) if i not in set(covered))
+  if rest:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    shown = ", ".join(paths[i] for i in rest[:6]) + (" ..." if len(rest) > 6 else "")
+    _warn_once(
+      f"jaxdp fast engine: {len(rest)} of {len(leaves)} parameter arrays are not used through "
+      f"a recorded layer call ({shown}); their per-example gradients come from vmap, the "
+      "reference engine's computation (the rest keep the fast rules). engine='reference' "
+      "takes vmap for all of them without this note."
+    )
   return LayerPlan(tuple(calls), rest)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  """``message`` as a UserWarning, the first time this process meets it."""
+  if message not in _WARNED:
+    _WARNED.add(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, covered) -> set[int]:
@@ -349,7 +383,7 @@ def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, c
       finally:
         _STATE.busy = False
 
-    with nn.intercept_methods(interceptor):
+    with _intercepted(interceptor):
       loss, _ = split_loss(
         loss_fn(jax.tree_util.tree_unflatten(treedef, leaves_), ex, key), has_aux
       )
@@ -763,7 +797,7 @@ def clipped_sum(
       inputs.append((k, args[0]))
       return next_fun(*args, **kwargs) + perturbs[k]
 
-    with nn.intercept_methods(interceptor):
+    with _intercepted(interceptor):
       loss, aux = split_loss(loss_fn(jax.tree_util.tree_unflatten(treedef, full), ex, key), has_aux)
     if len(inputs) != len(calls):
       raise RuntimeError("jaxdp fast engine: the loss made different layer calls than traced")
