@@ -209,7 +209,46 @@ class NNXNet(nnx.Module):
     return self.out(x)
 
 
+def _patches(x: jax.Array, size: int = 4) -> jax.Array:
+  """(..., H, W, C) images as (..., tokens, size*size*C) non-overlapping patches."""
+  *lead, h, w, c = x.shape
+  x = x.reshape(*lead, h // size, size, w // size, size, c)
+  x = jnp.moveaxis(x, -4, -3)  # (..., h/size, w/size, size, size, c)
+  return x.reshape(*lead, (h // size) * (w // size), size * size * c)
+
+
+class TinyViT(nn.Module):
+  """Patches -> Dense over the sequence -> LayerNorm -> multi-head self-attention (its
+  DenseGeneral projections) -> MLP -> mean over tokens -> Dense head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8)(_patches(x)) + self.param("pos", nn.initializers.normal(0.1), (9, 8))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(nn.LayerNorm()(x))
+    x = x + nn.Dense(8)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(x))))
+    return nn.Dense(5)(jnp.mean(x, axis=-2))
+
+
+class NNXViT(nnx.Module):
+  """TinyViT in Flax NNX (nnx.MultiHeadAttention's LinearGeneral projections)."""
+
+  def __init__(self, rngs: nnx.Rngs) -> None:
+    self.embed = nnx.Linear(16, 8, rngs=rngs)
+    self.norm1, self.norm2 = nnx.LayerNorm(8, rngs=rngs), nnx.LayerNorm(8, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=rngs)
+    self.up, self.down = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 5, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.embed(_patches(x))
+    x = x + self.attention(self.norm1(x))
+    x = x + self.down(nnx.gelu(self.up(self.norm2(x))))
+    return self.head(jnp.mean(x, axis=-2))
+
+
 MODELS = {
+  "vit": TinyViT,
+  "nnx_vit": NNXViT,
   "nnx": NNXNet,
   "cnn": TinyCNN,
   "mlp": TinyMLP,

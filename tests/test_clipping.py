@@ -185,6 +185,8 @@ ENGINE_CASES = [
   (m, h)
   for m in (
     "nnx",
+    "vit",
+    "nnx_vit",
     "cnn",
     "mlp",
     "groupnorm",
@@ -255,9 +257,14 @@ def _plan_summary(name):
 
 
 def test_fast_engine_plans_the_expected_rules():
-  # Flax NNX, no rewrite: Linear and Conv take the dense and conv rules; Embed, the norms and
-  # the Linear called twice (2 calls) their own vjp; nothing on vmap.
-  assert _plan_summary("nnx") == {"vjp": 6, "conv": 2, "dense": 2, "vmap_leaves": 0}
+  # Flax NNX, no rewrite: Linear and Conv take the dense and conv rules, Embed its own (token
+  # equality ghost norm, scattered sum), the three norms and the Linear called twice (2
+  # calls: weight sharing) the per-layer vjp; nothing on vmap.
+  assert _plan_summary("nnx") == {"embed": 1, "vjp": 5, "conv": 2, "dense": 2, "vmap_leaves": 0}
+  # Attention: the query / key / value / output projections (DenseGeneral over the tokens)
+  # take the dense rule, Linen and NNX alike; the learned positions (a self.param) vmap.
+  assert _plan_summary("vit") == {"dense": 8, "vjp": 2, "vmap_leaves": 1}
+  assert _plan_summary("nnx_vit") == {"dense": 8, "vjp": 2, "vmap_leaves": 0}
   assert _plan_summary("cnn") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # GroupNorm via its own vjp, the custom self.param via vmap.
   assert _plan_summary("groupnorm") == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}

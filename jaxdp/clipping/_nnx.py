@@ -34,7 +34,8 @@ from jaxdp import conv
 _LOCK = threading.RLock()
 _STANDARD_CONVS = (jax.lax.conv_general_dilated, conv.conv_general_dilated)
 # The NNX layers whose calls are recorded (see twin()).
-LAYERS = (nnx.Linear, nnx.Conv, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm,
+          nnx.GroupNorm)  # fmt: skip
 
 
 class Context:
@@ -66,7 +67,8 @@ def own_params(layer: nnx.Module) -> dict[str, Any]:
 def twin(layer: nnx.Module) -> nn.Module | None:
   """The unbound Linen layer computing ``layer``'s function of the same parameters, or None.
 
-  Linear and Conv get the engine's dense and conv rules; Embed, LayerNorm, RMSNorm and
+  Linear, LinearGeneral (attention's projections) and Conv get the engine's dense and conv
+  rules; Embed, LayerNorm, RMSNorm and
   GroupNorm its per-layer rule (each example's gradient from the layer's own vjp)."""
   kind = type(layer)
   if getattr(layer, "preferred_element_type", None) is not None:
@@ -84,8 +86,15 @@ def twin(layer: nnx.Module) -> nn.Module | None:
       feature_group_count=layer.feature_group_count, use_bias=layer.use_bias,
       precision=layer.precision, **dtypes,
     )  # fmt: skip
+  if kind is nnx.LinearGeneral and layer.dot_general in (None, jax.lax.dot_general):
+    if layer.batch_axis or layer.dot_general_cls is not None:
+      return None
+    return nn.DenseGeneral(layer.out_features, axis=layer.axis, use_bias=layer.use_bias,
+                           precision=layer.precision, **dtypes)  # fmt: skip
   if kind is nnx.Embed:
     return nn.Embed(layer.num_embeddings, layer.features, **dtypes)
+  if kind not in (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm):
+    return None
   norm = dict(epsilon=layer.epsilon, use_fast_variance=getattr(layer, "use_fast_variance", True),
               reduction_axes=getattr(layer, "reduction_axes", -1), **dtypes)  # fmt: skip
   if kind is nnx.LayerNorm:
@@ -118,6 +127,10 @@ def intercept(interceptor: Callable[..., Any]) -> Iterator[None]:
     def routed(original):
       @functools.wraps(original)
       def call(self, *args, **kwargs):
+        # out_sharding=None is the default (NNX's attention passes it explicitly): dropped,
+        # the call is the plain one the rules cover; any other keyword is left for vmap.
+        if kwargs.get("out_sharding", 0) is None:
+          kwargs = {k: v for k, v in kwargs.items() if k != "out_sharding"}
         return interceptor(functools.partial(original, self), args, kwargs, Context(self))
 
       return call

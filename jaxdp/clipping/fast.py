@@ -35,10 +35,17 @@ A real row whose gradient turns out NaN or inf gets clip factor 0; since ``0 * N
 the dense and conv sums of such a batch are taken row by row with that row skipped (a
 ``lax.cond`` whose other branch is the batched sum; it needs one row's arrays at a time).
 
-Layers without a rule (GroupNorm, LayerNorm, Embed, subclasses, a Dense with a custom
-``dot_general``, layers called more than once, e.g. a critic that sees a real and a fake
-input) fall back to per-example gradients for that layer only: ``vmap`` over examples of
-the layer's own VJP at the recorded ``(a_i, g_i)``.
+A DenseGeneral that contracts the input's last axes (attention's query / key / value and
+output projections, over the tokens) is a dense layer on flattened axes. An Embed's table
+gradient is ``G[v] = sum_{t: id_t = v} g_t``: ``||G||^2 = sum_{t,s} [id_t = id_s] g_t . g_s``
+and the clipped sum scatters ``c_i g_t`` into the rows of the ids.
+
+Layers without a rule (GroupNorm, LayerNorm, RMSNorm: per-example scale and bias;
+subclasses, a Dense with a custom ``dot_general``, layers called more than once, e.g. a
+critic that sees a real and a fake input, or a shared block) fall back to per-example
+gradients for that layer only: ``vmap`` over examples of the layer's own VJP at the recorded
+``(a_i, g_i)``. Flax NNX layers (``nnx.Linear``, ``LinearGeneral``, ``Conv``, ``Embed`` and
+the norms) are recorded the same way through their Linen twins (:mod:`._nnx`).
 Parameters used outside any recorded layer call (a ``self.param`` in a custom module, tied
 weights used through another method, layers inside a lifted transform such as ``nn.scan``,
 ``nn.vmap`` or ``nn.remat``, which warns once) fall back to ``vmap(grad)`` for those
@@ -100,6 +107,10 @@ class _Call:
   out_shape: tuple[int, ...]
   out_dtype: Any
   rule: str  # "dense", "conv" or "vjp"
+  # A dense call contracts the input's last ``in_axes`` axes into the output's last
+  # ``out_axes`` (DenseGeneral, e.g. attention's per-head projections); 1 and 1 otherwise.
+  in_axes: int = 1
+  out_axes: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +200,36 @@ def _dense_rule_ok(m: nn.Dense) -> bool:
   )
 
 
+def _dense_axes(module: nn.Module, kernel_ndim: int) -> tuple[int, int] | None:
+  """``(in_axes, out_axes)`` of a Dense, or of a DenseGeneral that contracts the input's
+  last axes with no batch axes (attention's projections); None for any other layer."""
+  if type(module) is nn.Dense:
+    return (1, 1) if kernel_ndim == 2 else None
+  if type(module) is not nn.DenseGeneral or module.batch_dims:
+    return None
+  axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  n_in = len(axes)
+  if sorted(axes) != list(range(-n_in, 0)):  # written with negative, trailing axes only
+    return None
+  n_out = kernel_ndim - n_in
+  return (n_in, n_out) if n_out >= 1 else None
+
+
 def _rule(module: nn.Module, params: Mapping[str, Any]) -> str:
   names = set(params)
   if (
-    type(module) is nn.Dense
-    and names <= {"kernel", "bias"}
-    and params["kernel"].ndim == 2
+    names <= {"kernel", "bias"}
+    and "kernel" in names
+    and _dense_axes(module, params["kernel"].ndim) is not None
     and _dense_rule_ok(module)
   ):
     return "dense"
+  if (
+    type(module) is nn.Embed
+    and names == {"embedding"}
+    and module.promote_dtype is flax_dtypes.promote_dtype
+  ):
+    return "embed"
   conv_ok = isinstance(module, nn.Conv) and names <= {"kernel", "bias"}
   if conv_ok and _conv_rule_ok(module, tuple(params["kernel"].shape)):
     return "conv"
@@ -276,6 +308,8 @@ def discover(
       y = next_fun(*args, **kwargs)
       if -1 in leaf_ids or not _is_array(y):
         return y  # parameters derived inside the loss, or a tuple output: left to vmap
+      rule = _rule(ctx.module, own)
+      in_axes, out_axes = _dense_axes(ctx.module, own["kernel"].ndim) if rule == "dense" else (1, 1)
       found.append(
         dict(
           module=ctx.module.clone(parent=None),
@@ -284,7 +318,9 @@ def discover(
           in_shape=tuple(args[0].shape),
           out_shape=tuple(y.shape),
           out_dtype=y.dtype,
-          rule=_rule(ctx.module, own),
+          rule=rule,
+          in_axes=in_axes,
+          out_axes=out_axes,
         )
       )
       return y
@@ -596,10 +632,10 @@ def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, 
   # wider layers take it.
   wide = g.dtype == accumulation_dtype(g.dtype) and a.dtype == accumulation_dtype(a.dtype)
   a, g = a.astype(accumulation_dtype(a.dtype)), g.astype(accumulation_dtype(g.dtype))
-  g_rows = g.reshape(b, -1, g.shape[-1])
+  g_rows = g.reshape(b, -1, int(np.prod(g.shape[g.ndim - call.out_axes :])))
   t, p = g_rows.shape[1:]
   if call.rule == "dense":
-    a_rows = a.reshape(b, -1, 1, a.shape[-1])
+    a_rows = a.reshape(b, -1, 1, int(np.prod(a.shape[a.ndim - call.in_axes :])))
     how = _outer_rule(b, t, a.shape[-1], p)
     sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
     return sq, _Kept(how, a_rows, g_rows, per_ex, None)
@@ -644,6 +680,28 @@ def _kernel_leaf(kept: _Kept, rows: jax.Array, shape: tuple[int, ...]) -> jax.Ar
   return _kernel_from_rows(rows, shape)
 
 
+def _embed_rows(tokens: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An Embed call's (B, T) token ids and (B, T, d) output gradients, in float32."""
+  b = g.shape[0]
+  return tokens.reshape(b, -1), g.reshape(b, -1, g.shape[-1]).astype(accumulation_dtype(g.dtype))
+
+
+def _embed_sq_norm(tokens: jax.Array, g_rows: jax.Array) -> jax.Array:
+  """Per-example ``||G||^2`` of an embedding table's gradient ``G[v] = sum_{t: id_t = v} g_t``:
+  ``sum_{t,s} [id_t = id_s] g_t . g_s`` (O(T^2 d), never the (V, d) table)."""
+  same = tokens[:, :, None] == tokens[:, None, :]
+  gg = jnp.einsum("btd,bsd->bts", g_rows, g_rows)
+  return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+
+
+def _embed_sum(tokens, g_rows, factors, ok, shape) -> jax.Array:
+  """The clipped sum of an embedding table's gradients: the rows ``c_i g_t`` scattered into
+  the token ids' rows (rows not ``ok`` selected out, so a NaN there adds nothing)."""
+  weighted = jnp.where(ok[:, None, None], g_rows * factors[:, None, None].astype(g_rows.dtype), 0)
+  table = jnp.zeros(shape, g_rows.dtype)
+  return table.at[tokens.reshape(-1)].add(weighted.reshape(-1, shape[-1]))
+
+
 def _layer_vjp_sum(call: _Call, own: dict[str, jax.Array], a: jax.Array, g: jax.Array) -> dict:
   """The layer's own parameter gradient at input ``a`` and output gradient ``g``."""
   _, layer_vjp = jax.vjp(lambda p: call.module.apply({"params": p}, a), own)
@@ -679,7 +737,8 @@ def _sums_batched(calls, leaves, rows, bias_rows, factors) -> dict[int, Any]:
       kernel = jnp.einsum("bpd,b->dp", kept.per_ex, f)
     out[named["kernel"]] = _kernel_leaf(kept, kernel, np.shape(leaves[named["kernel"]]))
     if "bias" in named:
-      out[named["bias"]] = jnp.einsum("bp,b->p", bias_rows[k], f)
+      bias = jnp.einsum("bp,b->p", bias_rows[k], f)
+      out[named["bias"]] = bias.reshape(np.shape(leaves[named["bias"]]))
   return {i: x.astype(accumulation_dtype(leaves[i].dtype)) for i, x in out.items()}
 
 
@@ -711,7 +770,8 @@ def _sums_row_by_row(calls, leaves, rows, bias_rows, factors, ok) -> dict[int, A
       j = named["kernel"]
       acc[j] = acc[j] + _kernel_leaf(kept, kernel, np.shape(leaves[j]))
       if "bias" in named:
-        acc[named["bias"]] = acc[named["bias"]] + row(bias_rows[k], i) * f
+        j = named["bias"]
+        acc[j] = acc[j] + (row(bias_rows[k], i) * f).reshape(np.shape(leaves[j]))
     return acc
 
   return jax.lax.fori_loop(0, factors.shape[0], body, zeros)
@@ -846,6 +906,7 @@ def _clip_and_sum(
   rows: dict[int, _Kept] = {}
   bias_rows: dict[int, jax.Array] = {}  # (B, p) per-example bias gradients sum_t g_t
   vjp_grads: dict[tuple[int, ...], list[jax.Array]] = {}
+  embeds: dict[int, tuple[jax.Array, jax.Array]] = {}  # (B, T) tokens, (B, T, d) gradients
   # The dense and conv norms run one layer after another, in call order, and only after the
   # backward pass: each layer's input is made to depend on the previous norm (the first on
   # the first layer's output gradient, the last the backward pass produces). Otherwise XLA
@@ -864,6 +925,10 @@ def _clip_and_sum(
         bias_rows[k] = jnp.sum(rows[k].g_rows, axis=1)
         sq = sq + jnp.sum(jnp.square(bias_rows[k]), axis=1)
       sq_norms = sq_norms + sq
+    elif c.rule == "embed":
+      tokens, g_rows = _embed_rows(a, g)
+      embeds[k] = (tokens, g_rows)
+      sq_norms = sq_norms + _embed_sq_norm(tokens, g_rows)
     else:
       own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
 
@@ -903,6 +968,9 @@ def _clip_and_sum(
     )
     for i, x in layer_out.items():
       out[i] = x
+  for k, (tokens, g_rows) in embeds.items():
+    (i,) = calls[k].leaf_ids
+    out[i] = _embed_sum(tokens, g_rows, factors, ok, np.shape(leaves[i]))
   for leaf_ids, per_ex in vjp_grads.items():
     summed = tree_masked_weighted_sum(per_ex, factors)
     for n, i in zip(sorted(per_ex), leaf_ids, strict=True):
