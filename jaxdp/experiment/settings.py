@@ -19,7 +19,7 @@ import math
 import shlex
 from typing import Any, ClassVar
 
-from jaxdp import _validate, accounting, data, parallel
+from jaxdp import _validate, accounting, data, optim, parallel
 from jaxdp import step as step_lib
 from jaxdp.experiment.cli import flag, option
 from jaxdp.keys import KeySource
@@ -27,6 +27,7 @@ from jaxdp.models import classifier as classifier_lib
 from jaxdp.models import vae as vae_lib
 
 __all__ = [
+  "ClassifierSettings",
   "DataSettings",
   "Job",
   "PrivacySettings",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 DATASETS = (*data.DATASETS, "synthetic")
+# The classifiers an experiment can train (jaxdp.experiment.tasks.make_classifier).
+CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn")
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> tuple[int, ...]:
@@ -174,6 +177,45 @@ class DataSettings(Settings):
   test: bool = option(
     True, "read the test set once at the end for the reported numbers (--no-test: tuning)"
   )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifierSettings(Settings):
+  """A private classifier's recipe, and the non-private baseline trained beside it."""
+
+  model: str = option("scatter_cnn", "classifier", choices=CLASSIFIERS)
+  # (the clip norm is PrivacySettings.clip; a script sets its default)
+  activation: str = option("tanh", "activation", choices=tuple(classifier_lib.ACTIVATIONS))
+  epochs: int = option(30, "private training epochs", check="positive_int")
+  batch_size: int = option(1024, "expected (Poisson) batch size", check="positive_int")
+  optimizer: str = option("sgd", "optimiser", choices=optim.OPTIMIZERS)
+  lr: float = option(2.0, "learning rate", check="positive")
+  momentum: float | None = option(0.9, "SGD momentum (none: plain SGD)", check="decay")
+  ema: float = option(0.999, "decay of the released parameter average (0: off)", check="decay")
+  baseline: bool = option(True, "also train the model without DP (its results go to nondp/)")
+  baseline_epochs: int = option(20, "epochs of the non-private model", check="positive_int")
+  baseline_batch_size: int = option(1024, "its batch size", check="positive_int")
+  baseline_lr: float = option(0.05, "its learning rate", check="positive")
+
+  def check(self) -> None:
+    if self.momentum is not None and self.optimizer != "sgd":
+      raise ValueError(f"--momentum applies to --optimizer sgd only, got {self.optimizer}")
+
+  def training_options(self, private: bool) -> dict[str, Any]:
+    """The :class:`jaxdp.experiment.tasks.Training` fields of the private models, or of the
+    non-private baseline (without how each step runs: ``RunSettings.step_options``)."""
+    return dict(
+      epochs=self.epochs if private else self.baseline_epochs,
+      batch_size=self.batch_size if private else self.baseline_batch_size,
+      lr=self.lr if private else self.baseline_lr,
+      optimizer=self.optimizer,
+      momentum=self.momentum,
+      ema=self.ema,
+    )
+
+  def architecture(self) -> dict[str, Any]:
+    """Keyword arguments of the model beyond its activation (a script may add flags)."""
+    return {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from flax import serialization
 from jaxdp import _validate, accounting, data, optim, parallel, synth
 from jaxdp.experiment.cli import UsageError, flag, usage_errors
 from jaxdp.experiment.runs import RunFolder, format_table, slug
-from jaxdp.experiment.settings import Job, PrivacySettings, SyntheticSettings
+from jaxdp.experiment.settings import CLASSIFIERS, Job, PrivacySettings, SyntheticSettings
 from jaxdp.experiment.splits import Splits, load_splits
 from jaxdp.keys import KeySource
 from jaxdp.metrics import (
@@ -41,7 +41,7 @@ from jaxdp.metrics import (
 from jaxdp.models import classifier as classifier_lib
 from jaxdp.models import gan as gan_lib
 from jaxdp.models import scatternet
-from jaxdp.plots import class_grid
+from jaxdp.plots import class_grid, plot_curves, plot_epsilon, plot_privacy_utility
 from jaxdp.sampling import PoissonSampler
 from jaxdp.step import DPConfig, init_state, make_step
 from jaxdp.train import train
@@ -365,16 +365,16 @@ def _pld_points(epochs: int) -> set[int]:
 
 # -- classifiers -------------------------------------------------------------------------
 
+
 # scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features.
-CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn")
-
-
-def make_classifier(name: str, num_classes: int, activation: str) -> nn.Module:
-  """The classifier named ``name`` (one of ``CLASSIFIERS``)."""
+def make_classifier(name: str, num_classes: int, activation: str, **architecture: Any) -> nn.Module:
+  """The classifier named ``name`` (one of ``CLASSIFIERS``), with ``architecture`` settings."""
   _validate.one_of("model", name, CLASSIFIERS)
   if name == "scatter_cnn":
-    return scatternet.ScatterCNN(num_classes=num_classes, act=activation)
-  return classifier_lib.make_classifier(name, num_classes=num_classes, act=activation)
+    return scatternet.ScatterCNN(num_classes=num_classes, act=activation, **architecture)
+  return classifier_lib.make_classifier(
+    name, num_classes=num_classes, act=activation, **architecture
+  )
 
 
 def classifier_inputs(name: str, ds: data.Dataset) -> dict[str, jax.Array]:
@@ -384,6 +384,81 @@ def classifier_inputs(name: str, ds: data.Dataset) -> dict[str, jax.Array]:
   if name == "scatter_cnn":
     arrays = {"image": scatternet.scattering_dataset(ds.images), "label": ds.labels}
   return jax.device_put(arrays)
+
+
+def run_classifiers(cfg: Any) -> dict[str, Any]:
+  """A classifier experiment (``experiments/dp_classifier.py``, ``dp_vit.py``): the private
+  models of ``cfg.jobs`` (each with its own secret noise, calibrated to its target) and the
+  non-private baseline, trained on the private split; curves on validation, the test set
+  read once per released model; the run folder and the printed table.
+
+  ``cfg`` holds the data, privacy, classifier (``ClassifierSettings``) and run settings.
+
+  Returns:
+    The released ``metrics.json`` (the private models; the baseline's go to ``nondp/``).
+  """
+  training = lambda private: Training(**cfg.training_options(private), **cfg.step_options())
+  splits = load_data(cfg, ("batch_size", "baseline_batch_size"))
+  n = len(splits.private)
+  jobs = cfg.jobs("DP-SGD")
+  noises = [calibrate(j, cfg, num_examples=n, training=training(True)) for j in jobs]
+  tag = "sweep" if len(jobs) > 1 else jobs[0].label.split()[-1].replace("=", "")
+  out = RunFolder.start(cfg, f"{cfg.model}-{tag}")
+  keys = cfg.key_source()
+  model = make_classifier(cfg.model, splits.num_classes, cfg.activation, **cfg.architecture())
+  inputs = lambda ds: classifier_inputs(cfg.model, ds)
+  train_data = inputs(splits.private)
+  validation = inputs(splits.validation) if splits.validation is not None else None
+  init_key = jax.random.key(cfg.seed)  # public: the same initialisation for every model
+
+  plan = [("non-private", None)] if cfg.baseline else []
+  plan += [(j.label, noise) for j, noise in zip(jobs, noises, strict=True)]
+  trained = []
+  for label, noise in plan:
+    t = train_classifier(
+      label, model, train_data, training(noise is not None), noise=noise, keys=keys,
+      init_key=init_key, run=out, validation=validation, progress=cfg.progress,
+    )  # fmt: skip
+    if cfg.test:
+      t.entry.update(test_classifier(model, t.params, inputs(splits.final_test(label))))
+    t.entry["checkpoint"] = out.save_params(label, t.params, released=noise is not None)
+    trained.append(t)
+
+  private = [t for t in trained if t.entry["private"]]
+  baseline = [t for t in trained if not t.entry["private"]]
+  curves = {t.label: t.history for t in private}
+  plot_curves(curves, out.file("plots/curves.png"), splits=("validation",))
+  plot_epsilon(curves, out.file("plots/epsilon.png"), keys=("epsilon_pld", "epsilon_rdp"))
+  if baseline:
+    nondp = out.file("plots/curves.png", released=False)
+    plot_curves({t.label: t.history for t in baseline}, nondp, splits=("validation",))
+  score = "test_accuracy" if cfg.test else "validation_accuracy"
+  if len(private) > 1:
+    plot_privacy_utility(
+      [t.entry["epsilon_pld"] for t in private],
+      [t.entry[score] for t in private],
+      out.file("plots/privacy_utility.png"),
+      ylabel=score.replace("_", " "),
+    )
+  metrics = out.finish(
+    {"dataset": cfg.dataset, "num_private": n, "models": [t.entry for t in private]},
+    nondp={"models": [t.entry for t in baseline]} if baseline else None,
+  )
+  rows = [
+    [
+      t.label,
+      f"{100 * t.entry[score]:.2f}%",
+      f"{t.entry['epsilon_pld']:.3f}" if t.entry["private"] else "inf (nondp/)",
+      f"{t.entry['epsilon_rdp']:.3f}" if t.entry["private"] else "inf",
+      f"{t.entry['train_time_s']:.0f} s",
+    ]
+    for t in trained
+  ]
+  print(f"wrote {out.path}")
+  print(format_table(["model", score.replace("_", " "), "eps (PLD)", "eps (RDP)", "time"], rows))
+  p = metrics["privacy"]
+  print(f"released: epsilon {p['epsilon_pld']:.3f} (PLD) at delta {cfg.delta:g}, all models")
+  return metrics
 
 
 def critic_noise(noise: Noise | None, gradient_penalty: float) -> Noise | None:

@@ -140,11 +140,59 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-MODELS = {"tf_cnn": TFPrivacyCNN, "dp_cnn": DPCNN, "mlp": MLP}
+# -- a small Vision Transformer ----------------------------------------------------------
+#
+# Non-overlapping patch x patch patches, a Dense patch embedding over the tokens, learned
+# position embeddings (an nn.Embed of the token positions), `depth` pre-norm blocks of
+# multi-head self-attention and an MLP, LayerNorm, mean pooling over the tokens, a Dense head
+# (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv:2010.11929). Every
+# parameterised layer has a fast-engine rule: the patch embedding and the attention's
+# DenseGeneral projections the dense rule over the tokens, the positions the Embed rule,
+# LayerNorm its per-layer vjp. Nothing couples examples (no dropout, no BatchNorm).
+
+
+def patches(x: jax.Array, size: int) -> jax.Array:
+  """``(..., H, W, C)`` images as ``(..., (H/size)(W/size), size*size*C)`` token rows."""
+  *lead, h, w, c = x.shape
+  if h % size or w % size:
+    raise ValueError(f"image sides {h}x{w} must be multiples of the patch size {size}")
+  x = x.reshape(*lead, h // size, size, w // size, size, c)
+  x = jnp.moveaxis(x, -4, -3)
+  return x.reshape(*lead, (h // size) * (w // size), size * size * c)
+
+
+class ViT(nn.Module):
+  """``(B, H, W, C)`` images -> ``(B, num_classes)`` logits."""
+
+  num_classes: int = 10
+  patch: int = 7
+  dim: int = 64
+  depth: int = 2
+  heads: int = 4
+  mlp: int = 128
+  act: str = "gelu"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = activation(self.act)
+    tokens = patches(x, self.patch)
+    n = tokens.shape[-2]
+    h = nn.Dense(self.dim)(tokens) + nn.Embed(n, self.dim)(jnp.arange(n))
+    for _ in range(self.depth):
+      y = nn.LayerNorm()(h)
+      h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.dim)(y)
+      y = nn.LayerNorm()(h)
+      h = h + nn.Dense(self.dim)(f(nn.Dense(self.mlp)(y)))
+    h = nn.LayerNorm()(jnp.mean(h, axis=-2))
+    return nn.Dense(self.num_classes)(h)
+
+
+MODELS = {"tf_cnn": TFPrivacyCNN, "dp_cnn": DPCNN, "mlp": MLP, "vit": ViT}
 
 
 def make_classifier(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-  """A classifier by name: ``tf_cnn`` (TF-Privacy tutorial), ``dp_cnn`` or ``mlp``."""
+  """A classifier by name: ``tf_cnn`` (TF-Privacy tutorial), ``dp_cnn``, ``mlp`` or ``vit``
+  (:class:`jaxdp.models.vit.ViT`)."""
   _validate.one_of("model", name, tuple(MODELS))
   return MODELS[name](num_classes=num_classes, **kwargs)
 
