@@ -56,6 +56,7 @@ QUICK_IMPLS = {
   "scatter_cnn": ("jaxdp_private", "opacus_hooks"),
   "mlp": ("jaxdp_nonprivate",),
   "vae": ("jaxdp_private", "opacus_ghost"),
+  "vit": ("jaxdp_private", "opacus_hooks"),
 }
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-MODELS = ("tf_cnn", "dp_cnn", "scatter_cnn", "mlp", "vae")
+MODELS = ("tf_cnn", "dp_cnn", "scatter_cnn", "mlp", "vae", "vit")
 JAX_IMPLS = ("jaxdp_private", "jaxdp_reference", "jaxdp_nonprivate", "optax_dp", "jax_privacy")
 OPACUS_IMPLS = ("opacus_hooks", "opacus_functorch", "opacus_ew", "opacus_ghost")
 TORCH_IMPLS = (*OPACUS_IMPLS, "torch_nonprivate", "loop")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from benchmarks.workers.common import MODELS, NUM_CLASSES, VAE_LATENT, input_shape
@@ -125,6 +126,38 @@ def _check_vae() -> dict[str, Any]:
   return _compare(params, tmodel, pairs_out)
 
 
+def _check_vit() -> dict[str, Any]:
+  import jax
+  import numpy as np
+  import torch
+
+  model, _ = jax_model("vit")
+  params = _perturbed(init_params(model, input_shape("vit")), 3)
+  images = np.random.default_rng(0).standard_normal((4, *input_shape("vit")), dtype=np.float32)
+  flax_out = np.asarray(jax.jit(model.apply)({"params": params}, images))
+  tmodel = torch_model("vit")
+  # DenseGeneral kernels (64, heads, 16) and (heads, 16, 64): input axes first, as Linear's.
+  dense = lambda p: {"kernel": np.asarray(p["kernel"]).reshape(64, -1),
+                     "bias": np.asarray(p["bias"]).reshape(-1)}  # fmt: skip
+  pairs = [(tmodel.embed, params["Dense_0"]), (tmodel.head, params["Dense_5"])]
+  for i, block in enumerate(tmodel.blocks):
+    attention = params[f"MultiHeadDotProductAttention_{i}"]
+    names = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
+    pairs += [(getattr(block, n), dense(attention[name])) for n, name in names]
+    # Flax names layers as they are built: the MLP's outer Dense(dim) before its inner one.
+    pairs += [(block.down, params[f"Dense_{1 + 2 * i}"]), (block.up, params[f"Dense_{2 + 2 * i}"])]
+  _copy_weights(pairs, None)
+  with torch.no_grad():
+    tmodel.pos.weight.copy_(torch.from_numpy(np.asarray(params["Embed_0"]["embedding"])))
+    norms = [n for b in tmodel.blocks for n in (b.norm1, b.norm2)] + [tmodel.norm]
+    for k, norm in enumerate(norms):
+      norm.weight.copy_(torch.from_numpy(np.asarray(params[f"LayerNorm_{k}"]["scale"])))
+      norm.bias.copy_(torch.from_numpy(np.asarray(params[f"LayerNorm_{k}"]["bias"])))
+    timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    torch_out = tmodel(timages).numpy()
+  return _compare(params, tmodel, {"logits": (flax_out, torch_out)})
+
+
 def _compare(params: Any, tmodel: Any, outputs: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
   import jax
   import numpy as np
@@ -141,4 +174,5 @@ def _compare(params: Any, tmodel: Any, outputs: dict[str, tuple[Any, Any]]) -> d
 def check_models() -> dict[str, Any]:
   """Copies each Flax model's (perturbed) weights into its PyTorch twin and compares their
   outputs (the VAE's at the same reparameterisation noise): max |difference| per model."""
-  return {name: _check_vae() if name == "vae" else _check_classifier(name) for name in MODELS}
+  special = {"vae": _check_vae, "vit": _check_vit}
+  return {name: special.get(name, functools.partial(_check_classifier, name))() for name in MODELS}

@@ -70,6 +70,8 @@ def torch_model(name: str):
       nn.Tanh(),
       nn.Linear(32, NUM_CLASSES),
     )
+  if name == "vit":
+    return _torch_vit()
   if name == "mlp":
     return nn.Sequential(
       nn.Flatten(),
@@ -80,6 +82,55 @@ def torch_model(name: str):
       nn.Linear(128, NUM_CLASSES),
     )
   raise ValueError(f"--model {name!r} is not one of {MODELS}")
+
+
+def _torch_vit():
+  """The PyTorch twin of ``ViT()`` (jaxdp.models.classifier, its defaults: 7x7 patches, 16
+  tokens of width 64, 2 pre-norm blocks of 4-head attention and a GELU MLP of 128, mean
+  pooling, LayerNorm, head). Attention is written with Linear projections (what Opacus's
+  per-sample rules cover) and the positions as an Embedding of the token ids; LayerNorm's
+  epsilon and GELU's tanh approximation are Flax's."""
+  import torch
+  from torch import nn
+
+  dim, heads, tokens = 64, 4, 16
+
+  class Block(nn.Module):
+    def __init__(self) -> None:
+      super().__init__()
+      self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+      self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+      self.up, self.down = nn.Linear(dim, 128), nn.Linear(128, dim)
+      self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, h):
+      b, t, _ = h.shape
+      y = self.norm1(h)
+      split = lambda z: z.view(b, t, heads, dim // heads).transpose(1, 2)
+      q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
+      w = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
+      h = h + self.o((w @ v).transpose(1, 2).reshape(b, t, dim))
+      return h + self.down(self.act(self.up(self.norm2(h))))
+
+  class TorchViT(nn.Module):
+    def __init__(self) -> None:
+      super().__init__()
+      self.embed = nn.Linear(49, dim)
+      self.pos = nn.Embedding(tokens, dim)
+      self.blocks = nn.ModuleList([Block(), Block()])
+      self.norm = nn.LayerNorm(dim, eps=1e-6)
+      self.head = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):  # (N, 1, 28, 28) -> 7x7 patches in Flax's (row, column, channel) order
+      n = x.shape[0]
+      p = x.permute(0, 2, 3, 1).reshape(n, 4, 7, 4, 7, 1).permute(0, 1, 3, 2, 4, 5)
+      ids = torch.arange(tokens, device=x.device).expand(n, tokens)
+      h = self.embed(p.reshape(n, tokens, 49)) + self.pos(ids)
+      for block in self.blocks:
+        h = block(h)
+      return self.head(self.norm(h.mean(dim=1)))
+
+  return TorchViT()
 
 
 def _torch_vae():
