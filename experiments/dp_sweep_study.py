@@ -3,7 +3,7 @@ against the swept value, one line per model.
 
     python experiments/dp_sweep_study.py --sweep clip                 # clip 0.01 ... 10
     python experiments/dp_sweep_study.py --sweep activation           # relu, tanh, elu, gelu
-    python experiments/dp_sweep_study.py --sweep clip --quick         # a smoke study
+    python experiments/dp_sweep_study.py --sweep clip --quick         # 2 values, a smoke study
     python experiments/dp_sweep_study.py --sweep activation --models classifier,vae
 
 Each cell is one run of a model's script (its defaults, its default epsilon unless
@@ -46,7 +46,8 @@ VALUES = ("validation_accuracy", "fid", "inception_score", "classes_predicted", 
 class Config(StudySettings, RunSettings):
   """The study's flags, written to ``config.json``; each cell's own are in its folder."""
 
-  PRESETS: ClassVar = {"quick": dict(seeds=1)}
+  # --quick: two values per sweep (unless --values), one seed, smaller private splits.
+  PRESETS: ClassVar = {"quick": dict(seeds=1, cell_args="--train-size 3000")}
 
   out: str = option("runs/dp_sweep_study", "parent folder of the study folder")
   sweep: str = option("clip", "the swept setting", choices=tuple(DEFAULT_VALUES))
@@ -76,8 +77,11 @@ class Config(StudySettings, RunSettings):
 
   @property
   def swept(self) -> tuple[str, ...]:
-    """The swept values (``--values`` or the sweep's defaults)."""
-    return self.values or DEFAULT_VALUES[self.sweep]
+    """The swept values (``--values``, else the sweep's defaults; with --quick the middle
+    two of them)."""
+    if self.values:
+      return self.values
+    return DEFAULT_VALUES[self.sweep][1:3] if self.quick else DEFAULT_VALUES[self.sweep]
 
 
 def cells(cfg: Config) -> list[study.Cell]:
