@@ -47,7 +47,7 @@ class Config(StudySettings, RunSettings):
   """The study's flags, written to ``config.json``; each cell's own are in its folder."""
 
   # --quick: two values per sweep (unless --values), one seed, smaller private splits.
-  PRESETS: ClassVar = {"quick": dict(seeds=1, cell_args="--train-size 3000")}
+  PRESETS: ClassVar = {"quick": dict(seeds=1, cell_args="--train-size 3000 --epochs 2")}
 
   out: str = option("runs/dp_sweep_study", "parent folder of the study folder")
   sweep: str = option("clip", "the swept setting", choices=tuple(DEFAULT_VALUES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -365,11 +366,16 @@ def test_low_precision_shares_stay_within_the_bound(engine, how, monkeypatch):
     assert norm <= clip * (1 + 1e-6), (i, norm / clip)
 
 
-def test_dense_with_custom_dot_general_takes_the_vjp_rule():
+def test_dense_with_custom_dot_general_takes_the_vjp_rule(monkeypatch):
   loss_fn, params, batch = make_problem("customdot")
   first = jax.tree_util.tree_map(lambda x: x[0], batch)
-  plan = fast.discover(loss_fn, params, first, jax.random.key(0), False)
+  monkeypatch.setattr(fast, "_WARNED", set())
+  with pytest.warns(UserWarning, match="no rule for Dense .* its own per-example vjp"):
+    plan = fast.discover(loss_fn, params, first, jax.random.key(0), False)
   assert [c.rule for c in plan.calls] == ["conv", "vjp"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # said once
+    fast.discover(loss_fn, params, first, jax.random.key(0), False)
   mask = jnp.array([True] * 9 + [False] * 3)
   rngs = jax.random.split(jax.random.key(1), 12)
   ref = clipped(reference, loss_fn, params, batch, mask, rngs, CLIP)

@@ -359,6 +359,14 @@ def discover(
         clash.add(i)
   calls = [c for c in calls if not clash.intersection(c.leaf_ids)]
 
+  lone_vjp = [c for c in calls if c.rule == "vjp" and uses[c.leaf_ids] == 1]
+  unruled = sorted({type(c.module).__name__ for c in lone_vjp if type(c.module) not in _NORMS})
+  if unruled:
+    _warn_once(
+      f"jaxdp fast engine: no rule for {', '.join(unruled)} (a custom layer, a subclass, or a "
+      "setting the rules do not cover): each takes its own per-example vjp, the rest of the "
+      "model keeps the fast rules."
+    )
   covered = sorted({i for c in calls for i in c.leaf_ids})
   leaked = _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, covered)
   if leaked:
@@ -378,6 +386,8 @@ def discover(
 
 
 _WARNED: set[str] = set()
+# Norm layers' rule is their per-layer vjp (per-example scale and bias): no note for them.
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 def _warn_once(message: str) -> None:
