@@ -106,7 +106,7 @@ def _torch_vit():
     def forward(self, h):
       b, t, _ = h.shape
       y = self.norm1(h)
-      split = lambda z: z.view(b, t, heads, dim // heads).transpose(1, 2)
+      split = lambda z: z.reshape(b, t, heads, dim // heads).transpose(1, 2)
       q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
       w = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
       h = h + self.o((w @ v).transpose(1, 2).reshape(b, t, dim))
