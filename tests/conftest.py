@@ -333,6 +333,7 @@ def pytest_configure(config):
 # The end-to-end runs take longest: scheduled first, they overlap with the rest on the two
 # workers of ``-n 2`` instead of running alone at the end.
 FIRST = (
+  "test_study.py",
   "test_dp_vae_synth.py",
   "test_release.py",
   "test_dp_audit.py",
