@@ -242,14 +242,24 @@ class PrivateGradient:
       adding or removing one example is ``l2_norm_clip``; the noise has std
       ``noise_multiplier * l2_norm_clip`` on every coordinate before the division by B.
     """
-    _, example_key, noise_key = jax.random.split(key, 3)
+    _, example_key, noise_key = self.split_key(key)
     mask = jnp.asarray(mask).astype(bool)
     cs = self.clipped_sum(params, batch, mask, jax.random.fold_in(example_key, 0))
     grads = self.noised_gradient(cs.sum_of_clipped_grads, jnp.sum(mask), noise_key, params)
+    return grads, self.batch_info(cs, mask)
+
+  @staticmethod
+  def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(next key, example key, noise key)``: one step's keys from one key, never reused
+    (the example key's ``fold_in(., k)`` seeds the rows of physical batch k)."""
+    return tuple(jax.random.split(key, 3))  # type: ignore[return-value]
+
+  def batch_info(self, cs: ClippedSum, mask: jax.Array) -> dict[str, Any]:
+    """:func:`batch_stats` of one batch, with the per-example ``aux`` under ``has_aux``."""
     info = batch_stats(cs, mask, self.privacy is not None)
     if self.has_aux:
       info["aux"] = cs.aux
-    return grads, info
+    return info
 
   def clipped_sum(
     self, params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array

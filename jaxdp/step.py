@@ -39,7 +39,6 @@ from jaxdp.grad import (  # noqa: F401  (re-exported: the step's settings live w
   MAX_AUTO_MICROBATCHES,
   DPConfig,
   PrivateGradient,
-  batch_stats,
   check_microbatch_size,
   microbatch_rows,
   parse_microbatch_size,
@@ -201,36 +200,26 @@ class Step(PrivateGradient):
     params = optax.apply_updates(state.params, updates)
     return params, opt_state
 
-  def _keys(self, state: TrainState):
-    rng, example_key, noise_key = jax.random.split(state.rng, 3)
-    return rng, example_key, noise_key
-
   def _fused_impl(self, state, data, indices, mask, rows=None):
     self.trace_count += 1
-    rng, example_key, noise_key = self._keys(state)
+    rng, example_key, noise_key = self.split_key(state.rng)
     mask = jnp.asarray(mask).astype(bool)
     cs = self._batch_sum(
       state.params, data, indices, mask, jax.random.fold_in(example_key, 0), rows
     )
     params, opt_state = self._update(state, cs.sum_of_clipped_grads, jnp.sum(mask), noise_key)
-    metrics = batch_stats(cs, mask, self.privacy is not None)
-    if self.has_aux:
-      metrics["aux"] = cs.aux
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return TrainState(state.step + 1, params, opt_state, rng), self.batch_info(cs, mask)
 
   def _chunk_impl(self, state, data, indices, mask, chunk, rows=None):
-    _, example_key, _ = self._keys(state)
+    _, example_key, _ = self.split_key(state.rng)
     mask = jnp.asarray(mask).astype(bool)
     cs = self._batch_sum(
       state.params, data, indices, mask, jax.random.fold_in(example_key, chunk), rows
     )
-    stats = batch_stats(cs, mask, self.privacy is not None)
-    if self.has_aux:
-      stats["aux"] = cs.aux
-    return cs.sum_of_clipped_grads, stats
+    return cs.sum_of_clipped_grads, self.batch_info(cs, mask)
 
   def _finish_impl(self, state, summed, n_real):
-    rng, _, noise_key = self._keys(state)
+    rng, _, noise_key = self.split_key(state.rng)
     params, opt_state = self._update(state, summed, n_real, noise_key)
     return TrainState(state.step + 1, params, opt_state, rng)
 

@@ -11,9 +11,9 @@ the NNX layers in ``LAYERS`` through the same interceptor, with a context that c
 
 An NNX layer with a setting the twin would not reproduce (a custom ``dot_general`` or
 convolution, another dtype promotion, a mask, a preferred element type, a cross-device
-norm) or a subclass gets
-no twin: its parameters take the vmap fallback, like any parameter used outside a recorded
-call. The patch is in force only while a trace runs (the classes are restored after it).
+norm) or a subclass gets no twin: its parameters take the vmap fallback, like any parameter
+used outside a recorded call. The patch is in force only while a trace runs (the classes
+are restored after it).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def twin(layer: nnx.Module) -> nn.Module | None:
   """The unbound Linen layer computing ``layer``'s function of the same parameters, or None.
 
   Linear, LinearGeneral (attention's projections) and Conv get the engine's dense and conv
-  rules; Embed, LayerNorm, RMSNorm and
-  GroupNorm its per-layer rule (each example's gradient from the layer's own vjp)."""
+  rules, Embed its embed rule, LayerNorm, RMSNorm and GroupNorm the per-layer vjp."""
   kind = type(layer)
   if getattr(layer, "preferred_element_type", None) is not None:
     return None
@@ -119,8 +118,8 @@ def params_of(ctx: Context) -> Mapping[str, Any] | None:
 
 @contextlib.contextmanager
 def intercept(interceptor: Callable[..., Any]) -> Iterator[None]:
-  """Routes ``nnx.Linear`` / ``nnx.Conv`` calls through ``interceptor(next_fun, args,
-  kwargs, ctx)`` (Linen's interceptor signature) while the block runs."""
+  """Routes the calls of the ``LAYERS`` through ``interceptor(next_fun, args, kwargs, ctx)``
+  (Linen's interceptor signature) while the block runs."""
   with _LOCK:
     originals = {cls: cls.__call__ for cls in LAYERS}
 

@@ -646,7 +646,7 @@ def _layer_sq_norm(call: _Call, a: jax.Array, g: jax.Array) -> tuple[jax.Array, 
   t, p = g_rows.shape[1:]
   if call.rule == "dense":
     a_rows = a.reshape(b, -1, 1, int(np.prod(a.shape[a.ndim - call.in_axes :])))
-    how = _outer_rule(b, t, a.shape[-1], p)
+    how = _outer_rule(b, t, a_rows.shape[-1], p)
     sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
     return sq, _Kept(how, a_rows, g_rows, per_ex, None)
   ci = _conv_input(call, a)

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 DATASETS = (*data.DATASETS, "synthetic")
-# The classifiers an experiment can train (jaxdp.experiment.tasks.make_classifier).
+# The classifiers an experiment can train (jaxdp.experiment.tasks.make_classifier);
+# scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features.
 CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn")
 
 

@@ -147,9 +147,7 @@ def run_cells(
 
 
 def _short(values: Mapping[str, Any]) -> str:
-  return ", ".join(
-    f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)) and v is not None
-  )
+  return ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
 
 
 def _history_finite(history: Any) -> bool:

@@ -366,7 +366,6 @@ def _pld_points(epochs: int) -> set[int]:
 # -- classifiers -------------------------------------------------------------------------
 
 
-# scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features.
 def make_classifier(name: str, num_classes: int, activation: str, **architecture: Any) -> nn.Module:
   """The classifier named ``name`` (one of ``CLASSIFIERS``), with ``architecture`` settings."""
   _validate.one_of("model", name, CLASSIFIERS)
