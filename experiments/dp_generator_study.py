@@ -42,7 +42,9 @@ GENERATORS = {
 }
 VALUES = ("test_accuracy", "validation_accuracy", "fid", "inception_score", "classes_predicted",
           "label_agreement", "diversity", "diversity_min", "epsilon", "train_time_s",
-          "process_time_s")  # fmt: skip
+          "process_time_s", "public_only_test_accuracy",
+          "public_only_validation_accuracy", "with_public_test_accuracy",
+          "with_public_validation_accuracy")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

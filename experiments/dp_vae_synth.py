@@ -82,6 +82,10 @@ class Config(VAESettings, DataSettings, PrivacySettings, SyntheticSettings, RunS
   lr: float = option(1e-2, "Adam learning rate", check="positive")
   ema: float = option(0.99, "decay of the released parameter average (0: off)", check="decay")
   clip: float = option(1.0, "L2 clip norm of each example's gradient", check="positive")
+  public_pretrain_epochs: int = option(
+    0, "epochs on the PUBLIC partition before the private ones (0: off)",
+    check="non_negative_int",
+  )  # fmt: skip
 
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
@@ -119,13 +123,23 @@ def run(cfg: Config) -> dict[str, Any]:
     res = evaluate_elbo(vae, params, val.images, val.labels, key)
     return {f"validation_{name}": value for name, value in res.items()}
 
+  loss = vae_loss(vae, beta=cfg.beta)
+  start = jax.jit(init)()
+  if cfg.public_pretrain_epochs:  # public only: one starting point for every pipeline
+    if splits.public is None:
+      raise cli.UsageError("--public-pretrain-epochs needs a public partition (--public-size)")
+    pretraining = dataclasses.replace(training, epochs=cfg.public_pretrain_epochs, batch_size=128)
+    start = tasks.pretrain_on_public(
+      "VAE", loss, start, jax.device_put(splits.public.arrays()), pretraining, keys=keys,
+      run=out, aux_name="neg_elbo", progress=cfg.progress,
+    )  # fmt: skip
   for job in jobs:
     # The pipeline's own ledger: noisy label counts (if asked for), then the generator.
     ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
     trained = tasks.fit(
       job.label,
-      vae_loss(vae, beta=cfg.beta),
-      jax.jit(init)(),
+      loss,
+      start,
       jax.device_put(private.arrays()),
       training,
       noise=noise,

@@ -18,7 +18,7 @@ import scipy.linalg
 from conftest import tiny_vae
 
 from jaxdp import accounting, data, synth
-from jaxdp.experiment import runs, splits
+from jaxdp.experiment import runs, splits, tasks
 from jaxdp.metrics import feature_scores, feature_statistics, frechet_distance, inception_score
 from jaxdp.models import MLP
 from jaxdp.models.vae import ConditionalVAE, evaluate_elbo, sample_images, vae_loss
@@ -252,7 +252,15 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
     return plot(panels, path, **kwargs)
 
   monkeypatch.setattr(runs, "plot_image_grids", record)
+  seen, fit = {}, tasks.fit
+
+  def spy(label, loss_fn, params, train_data, *a, **k):
+    seen[label] = np.asarray(train_data["image"])
+    return fit(label, loss_fn, params, train_data, *a, **k)
+
+  monkeypatch.setattr(tasks, "fit", spy)
   args = ["--dataset", "synthetic", "--quick", "--out", str(tmp_path), "--name", "q"]
+  args += ["--public-pretrain-epochs", "1"]
   args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
   args += ["--epochs", "2", "--classifier-epochs", "2", "--feature-epochs", "1"]
   args += ["--dp-label-counts", "--label-noise-multiplier", "20", "--accountant", "rdp"]
@@ -309,6 +317,11 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   assert math.isfinite(run["fid"]) and run["fid"] >= -1e-6
   assert 1.0 <= run["inception_score"] <= 10.0
   assert saved["feature_network"]["trained_on"].startswith("synthetic/train[public]")
+  # the public pretraining saw exactly the public partition (and cost nothing: the ledger
+  # above holds the label counts and the VAE only)
+  public_split = splits.load_splits("synthetic", validation_size=200, public_size=300,
+                                    train_size=800).public  # fmt: skip
+  np.testing.assert_array_equal(seen["VAE public pretraining"], public_split.images)
 
   # No training image anywhere in what was written or plotted; the grids' real column is
   # the test set's.

@@ -158,3 +158,26 @@ def test_run_folder_separates_released_and_non_dp_files(tmp_path):
   assert runs.slug("DP-SGD eps=3") == "DP-SGD_eps3"
   table = runs.format_table(["a", "bb"], [["1", "2"], ["333", "4"]]).splitlines()
   assert table == ["a    bb", "---  --", "1    2", "333  4"]
+
+
+def test_public_model_cache_trains_once_and_reads_back_the_same_params(tmp_path):
+  from jaxdp.experiment import tasks
+
+  calls = []
+
+  def train():
+    calls.append(1)
+    return {"w": np.arange(3.0, dtype=np.float32), "b": np.ones((2, 2), np.float32)}, {"t": 1.5}
+
+  template = lambda: {"w": np.zeros(3, np.float32), "b": np.zeros((2, 2), np.float32)}
+  first, info1 = tasks.public_model_cache(tmp_path / "c", "m", template, train)
+  again, info2 = tasks.public_model_cache(tmp_path / "c", "m", template, train)
+  assert calls == [1] and (info1["cached"], info2["cached"], info2["t"]) == (False, True, 1.5)
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  assert not list((tmp_path / "c").glob("*.tmp"))
+  tasks.public_model_cache(tmp_path / "c", "other-recipe", template, train)  # new tag: trains
+  tasks.public_model_cache(None, "m", template, train)  # no cache: always trains
+  assert calls == [1, 1, 1]
+  (tmp_path / "c" / "m.json").unlink()  # a half-written entry is never read
+  _, info3 = tasks.public_model_cache(tmp_path / "c", "m", template, train)
+  assert not info3["cached"] and len(calls) == 4

@@ -79,6 +79,7 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   flags += ["--ae-epochs", "2", "--batch-size", "200", "--num-samples", "500"]
   flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--code-dim", "8"]
   flags += ["--hidden", "32", "--out", str(tmp_path), "--name", "l"]
+  flags += ["--public-pretrain-epochs", "1"]
   metrics = exp.main(flags)
   splits = loaded["splits"]
   private = {row.tobytes() for row in np.asarray(splits.private.images)}
@@ -88,6 +89,8 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   np.testing.assert_array_equal(ae_data, public)  # exactly the public partition
   assert not any(row.tobytes() in private for row in ae_data)
   assert seen["DP eps=10"].shape == (len(splits.private), 8)  # the generator: codes only
+  # its public pretraining: the public partition's codes, nothing private
+  assert seen["DP eps=10 public pretraining"].shape == (len(public), 8)
   out = tmp_path / "l"
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png"):
     assert (out / name).is_file(), name
@@ -96,3 +99,8 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   assert event["name"] == "generator" and event["steps"] == p["generator"]["steps"]
   base = metrics["public_only_baseline"]
   assert 0.0 <= base["test_accuracy"] <= 1.0 and (out / p["synthetic_npz"]).is_file()
+  # as many rows (repeated public images, each copy shifted anew) as the synthetic set
+  assert base["training_rows"] == p["num_samples"] > base["public_examples"]
+  mixed = p["downstream_with_public"]  # the synthetic set plus the public training images
+  assert mixed["training_rows"] == p["num_samples"] + base["public_examples"]
+  assert 0.0 <= mixed["test_accuracy"] <= 1.0

@@ -84,8 +84,11 @@ led = {"neighboring_relation": "add_or_remove_one", "entries": [{"kind": "dpsgd"
        "name": "m", "sampling_prob": 0.01, "noise_multiplier": 1.0, "steps": 100}]}
 nan = float("nan")
 entry = {"label": "DP", "epsilon_pld": 1.5, "history": [{"loss": nan if "--nan" in args else 1.0}],
-         "downstream": {"test_accuracy": 0.9, "validation_accuracy": 0.8}, "fid": 3.0}
-(out / "metrics.json").write_text(json.dumps({"pipelines": [entry], "privacy": {"ledger": led}}))
+         "downstream": {"test_accuracy": 0.9, "validation_accuracy": 0.8}, "fid": 3.0,
+         "downstream_with_public": {"test_accuracy": 0.95}}
+base = {"test_accuracy": 0.85, "validation_accuracy": 0.84}
+(out / "metrics.json").write_text(json.dumps({"pipelines": [entry], "privacy": {"ledger": led},
+                                              "public_only_baseline": base}))
 """
 
 
@@ -102,6 +105,14 @@ def test_run_cells_skips_finished_cells_reruns_unfinished_ones_and_names_a_failu
   assert [r["diverged"] for r in rows] == [False, True]  # a NaN in its history
   assert rows[0]["test_accuracy"] == 0.9 and rows[0]["epsilon"] == 1.5 and rows[0]["seed"] == 0
   assert rows[0]["process_time_s"] > 0
+  # the latent route's public-only baseline travels with its cell, into the printed table
+  assert rows[0]["public_only_test_accuracy"] == 0.85
+  assert rows[0]["with_public_test_accuracy"] == 0.95
+  values = ("test_accuracy", "fid", "inception_score", "diversity", "process_time_s",
+            "public_only_test_accuracy", "with_public_test_accuracy")  # fmt: skip
+  table = study.summary_table(study.aggregate(rows, ("seed",), values), ("seed",), "test_accuracy")
+  assert table.splitlines()[0].rstrip().endswith("synthetic + public  public only")
+  assert table.splitlines()[-1].split()[-6:] == ["95.00", "+-", "0.00%", "85.00", "+-", "0.00%"]
   # resumed: nothing runs again; an unfinished cell (no marker) is deleted and rerun
   (tmp_path / "s" / "cells" / "nan" / study.CELL_FILE).unlink()
   (tmp_path / "s" / "cells" / "nan" / "partial").write_text("")

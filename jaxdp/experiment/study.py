@@ -171,6 +171,9 @@ def read_cell(run_dir: Path) -> dict[str, Any]:
     ``inception_score``, the mode coverage (``classes_predicted``, ``label_agreement``,
     ``diversity``, ``diversity_min``), ``nonfinite_samples``, ``train_time_s``,
     ``diverged`` (a non-finite number in the training history, or non-finite samples),
+    ``public_only_test_accuracy`` / ``public_only_validation_accuracy`` (the latent route's
+    classifier trained on the public partition alone), ``with_public_*_accuracy`` (on the
+    synthetic set plus the public partition),
     ``synthetic_npz`` (the path of a generator's synthetic set) and ``ledger`` (the cell's
     privacy ledger, None without DP); None where not measured.
   """
@@ -191,6 +194,11 @@ def read_cell(run_dir: Path) -> dict[str, Any]:
   row["validation_accuracy"] = scores.get("validation_accuracy")
   row.update({k: e.get(k) for k in keys})
   row["diverged"] = not _history_finite(e.get("history", [])) or bool(e.get("nonfinite_samples"))
+  # the latent route's CNN on the public partition alone, and on synthetic + public
+  baseline, mixed = metrics.get("public_only_baseline", {}), e.get("downstream_with_public", {})
+  for split in ("test", "validation"):
+    row[f"public_only_{split}_accuracy"] = baseline.get(f"{split}_accuracy")
+    row[f"with_public_{split}_accuracy"] = mixed.get(f"{split}_accuracy")
   row["synthetic_npz"] = str(run_dir / e["synthetic_npz"]) if e.get("synthetic_npz") else None
   row["ledger"] = metrics["privacy"]["ledger"] if private else None
   return row
@@ -254,7 +262,9 @@ def summary_table(
   summary: Sequence[Mapping[str, Any]], by: Sequence[str], utility: str
 ) -> str:  # fmt: skip
   """The printed table of a study: the group tags, then utility (mean +- std over seeds,
-  percent), FID, IS, classes predicted (min), diversity, diverged runs and wall time."""
+  percent), FID, IS, classes predicted (min), diversity, diverged runs and wall time; and
+  the utility on synthetic + public data and of the public-only baseline where a group has
+  them."""
   pct = lambda s, v: "-" if math.isnan(s[f"{v}_mean"]) else (
     f"{100 * s[f'{v}_mean']:.2f} +- {100 * s[f'{v}_std']:.2f}%")  # fmt: skip
   num = lambda s, v, f=".2f": "-" if math.isnan(s.get(f"{v}_mean", math.nan)) else (
@@ -268,6 +278,11 @@ def summary_table(
   ]  # fmt: skip
   head = [*by, utility.replace("_", " "), "FID", "IS", "classes", "diversity", "diverged",
           "wall time"]  # fmt: skip
+  for name, title in (("with_public", "synthetic + public"), ("public_only", "public only")):
+    value = f"{name}_{utility}"
+    if any(not math.isnan(s.get(f"{value}_mean", math.nan)) for s in summary):
+      head.append(title)
+      rows = [[*r, pct(s, value)] for r, s in zip(rows, summary, strict=True)]
   return format_table(head, rows)
 
 

@@ -219,7 +219,8 @@ def fit(
     evaluate: ``evaluate(params) -> {name: value}`` on a held-out split, after every epoch
       (e.g. ``validation_accuracy``); never the test set.
     select: a key of ``evaluate``'s output to maximise: the released parameters are those of
-      the best epoch (a choice on the held-out split) instead of the last.
+      the best epoch (a choice on the held-out split; of tied epochs the later, trained
+      longer) instead of the last.
     release: whether the model's per-epoch metrics go to the released stream; default: only
       a private model's (a model trained without DP on private data is not released).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -288,7 +289,7 @@ def fit(
     if evaluate is None:
       return {}
     result = dict(evaluate(_released_params(state)))
-    if select is not None and (not best or result[select] > best["value"]):
+    if select is not None and (not best or result[select] >= best["value"]):  # ties: later
       best.update(value=result[select], epoch=epoch, params=_released_params(state))
     return result
 
@@ -355,6 +356,37 @@ def fit(
     if run is not None:
       run.ledger.add_dpsgd(label, q, noise.noise_multiplier, steps)
   return Trained(label, released, entry, history)
+
+
+def pretrain_on_public(
+  label: str,
+  loss_fn: Callable,
+  params: PyTree,
+  public_data: Mapping[str, jax.Array],
+  training: Training,
+  *,
+  keys: KeySource,
+  run: RunFolder | None,
+  aux_name: str,
+  progress: bool = True,
+) -> PyTree:
+  """A generator's starting point trained WITHOUT noise on the PUBLIC partition only
+  (``public_data``, never a private row): the private steps that follow start from it.
+
+  Public pretraining is free of privacy cost (it reads no private data, so no ledger entry)
+  and lets the noisy steps adapt a model instead of building one, which matters most at
+  small epsilon. ``training.batch_size`` is capped by the public set's size; the loss has
+  aux ``aux_name``.
+
+  Returns:
+    The pretrained parameters.
+  """
+  n = int(jax.tree_util.tree_leaves(public_data)[0].shape[0])
+  training = dataclasses.replace(training, batch_size=min(training.batch_size, n), ema=0.0)
+  return fit(
+    f"{label} public pretraining", loss_fn, params, public_data, training, noise=None,
+    keys=keys, run=run, release=True, has_aux=True, aux_name=aux_name, progress=progress,
+  ).params  # fmt: skip
 
 
 def _pld_points(epochs: int) -> set[int]:
@@ -896,30 +928,65 @@ def feature_network(
     "epochs": epochs,
     "trained_on": f"{public.name}: {len(public)} public examples (never private), non-DP",
   }
-  if cache is not None and (cache / f"{tag}.msgpack").is_file():
-    template = jax.eval_shape(model.init, jax.random.key(0), public.images[:1])["params"]
-    params = serialization.from_bytes(template, (cache / f"{tag}.msgpack").read_bytes())
-    return model, params, {**info, **json.loads((cache / f"{tag}.json").read_text())}
-  t0 = time.perf_counter()
-  training = Training(
-    epochs=epochs, batch_size=min(f["batch_size"], len(public)), lr=f["lr"], momentum=0.9, ema=0.999
-  )
-  trained = train_classifier(
-    "feature network",
-    model,
-    jax.device_put(public.arrays()),
-    training,
-    noise=None,
-    keys=KeySource(insecure_seed=seed),  # public data: nothing to keep secret
-    init_key=jax.random.key(seed),
-    progress=progress,
-  )
-  meta = {"train_time_s": time.perf_counter() - t0, "cached": False}
+
+  def train() -> tuple[PyTree, dict[str, Any]]:
+    t0 = time.perf_counter()
+    training = Training(
+      epochs=epochs, batch_size=min(f["batch_size"], len(public)), lr=f["lr"], momentum=0.9,
+      ema=0.999,
+    )  # fmt: skip
+    trained = train_classifier(
+      "feature network",
+      model,
+      jax.device_put(public.arrays()),
+      training,
+      noise=None,
+      keys=KeySource(insecure_seed=seed),  # public data: nothing to keep secret
+      init_key=jax.random.key(seed),
+      progress=progress,
+    )
+    return trained.params, {"train_time_s": time.perf_counter() - t0}
+
+  template = lambda: jax.eval_shape(model.init, jax.random.key(0), public.images[:1])["params"]
+  params, meta = public_model_cache(cache, tag, template, train)
+  return model, params, {**info, **meta}
+
+
+def public_model_cache(
+  cache: Path | None,
+  tag: str,
+  template: Callable[[], PyTree],
+  train: Callable[[], tuple[PyTree, dict[str, Any]]],
+) -> tuple[PyTree, dict[str, Any]]:
+  """A model trained on PUBLIC data only, kept in ``cache`` under ``tag`` (its recipe and
+  data) so that later runs read it back instead of training it again.
+
+  Only for models that never read private data (the feature network, the latent route's
+  public autoencoder): the cache holds nothing private and costs no privacy.
+
+  Args:
+    cache: the folder (None: no cache, always ``train()``).
+    tag: a file name naming everything the model depends on.
+    template: the parameters' shapes (``jax.eval_shape``), to read the stored bytes into.
+    train: trains the model: ``(params, info)``, ``info`` JSON-serialisable.
+
+  Returns:
+    ``(params, info)``, ``info["cached"]`` saying whether they were read back.
+  """
+  weights, meta = (cache / f"{tag}.msgpack", cache / f"{tag}.json") if cache else (None, None)
+  if weights is not None and weights.is_file() and meta.is_file():
+    params = serialization.from_bytes(template(), weights.read_bytes())
+    return params, {**json.loads(meta.read_text()), "cached": True}
+  params, info = train()
   if cache is not None:
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / f"{tag}.msgpack").write_bytes(serialization.to_bytes(trained.params))
-    (cache / f"{tag}.json").write_text(json.dumps({**meta, "cached": True}) + "\n")
-  return model, trained.params, {**info, **meta}
+    # Written through temporaries so that a killed run never leaves a half-written model.
+    for path, payload in ((weights, serialization.to_bytes(params)),
+                          (meta, (json.dumps(info) + "\n").encode())):  # fmt: skip
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_bytes(payload)
+      tmp.replace(path)
+  return params, {**info, "cached": False}
 
 
 def run_feature_network(
