@@ -69,7 +69,8 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   DEFAULT_EPSILON: ClassVar[float] = 10.0
   PRESETS: ClassVar = {
     "quick": dict(epochs=4, ae_epochs=4, train_size=6000, validation_size=1000,
-                  public_size=1000, classifier_epochs=3, feature_epochs=2, num_samples=6000),
+                  public_size=1000, classifier_epochs=3, feature_epochs=2, num_samples=6000,
+                  public_pretrain_epochs=10),
   }  # fmt: skip
 
   out: str = option("runs/dp_latent_synth", "parent folder of the run folder")
