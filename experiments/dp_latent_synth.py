@@ -122,8 +122,8 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
 
 
 def public_autoencoder(cfg: Config, splits: Any, keys: Any, out: RunFolder):
-  """The autoencoder trained (without DP) on the public partition only; its parameters and
-  the public codes' mean and spread."""
+  """The autoencoder trained (without DP) on the public partition only; its parameters, the
+  public codes' mean and spread, and the public codes themselves."""
   public = splits.public
   ae = latent.Autoencoder(public.image_shape, cfg.code_dim, cfg.ae_width, cfg.variational_ae)
   key = jax.random.key(cfg.seed)
@@ -152,7 +152,7 @@ def public_autoencoder(cfg: Config, splits: Any, keys: Any, out: RunFolder):
   codes = latent.encode(ae, params, public.images)
   mean, spread = jnp.mean(codes, axis=0), jnp.std(codes, axis=0) + 1e-6
   info = {"trained_on": f"{len(public)} public examples, non-DP", **entry}
-  return ae, params, mean, spread, info
+  return ae, params, mean, spread, codes, info
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -166,15 +166,14 @@ def run(cfg: Config) -> dict[str, Any]:
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))
   keys = cfg.key_source()
   features, feature_info = tasks.run_feature_network(cfg, splits)
-  ae, ae_params, mean, spread, ae_info = public_autoencoder(cfg, splits, keys, out)
+  ae, ae_params, mean, spread, public_codes, ae_info = public_autoencoder(cfg, splits, keys, out)
   if cfg.codes == "inversion":
     codes = latent.invert(ae, ae_params, private.images, steps=cfg.inversion_steps)
   else:
     codes = latent.encode(ae, ae_params, private.images)
   # Each private code is a public function of its own image: the generator's DP is the route's.
   data = {"code": (codes - mean) / spread, "label": jnp.asarray(private.labels)}
-  public_codes = (latent.encode(ae, ae_params, splits.public.images) - mean) / spread
-  public_data = {"code": public_codes, "label": jnp.asarray(splits.public.labels)}
+  public_data = {"code": (public_codes - mean) / spread, "label": jnp.asarray(splits.public.labels)}
   training = tasks.Training(
     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam",
     ema=cfg.ema if cfg.generator == "vae" else 0.0, **cfg.step_options(),
@@ -216,16 +215,18 @@ def run(cfg: Config) -> dict[str, Any]:
   info = {"dataset": cfg.dataset, "num_private": n, "feature_network": feature_info,
           "autoencoder": ae_info, "public_only_baseline": baseline}  # fmt: skip
   metrics = release.finish(info, title)
-  scores = [f"{split} accuracy {100 * baseline[f'{split}_accuracy']:.2f}%"
-            for split in ("test", "validation") if f"{split}_accuracy" in baseline]  # fmt: skip
-  if scores:
-    print(f"public-only baseline ({len(splits.public)} public examples): {', '.join(scores)}")
+  if scores := _scores(baseline):
+    print(f"public-only baseline ({len(splits.public)} public examples): {scores}")
   for e in release.entries:
-    mixed = e["downstream_with_public"]
-    scores = [f"{split} accuracy {100 * mixed[f'{split}_accuracy']:.2f}%"
-              for split in ("test", "validation") if f"{split}_accuracy" in mixed]  # fmt: skip
-    print(f"{e['label']} synthetic + public images: {', '.join(scores)}")
+    if scores := _scores(e["downstream_with_public"]):
+      print(f"{e['label']} synthetic + public images: {scores}")
   return metrics
+
+
+def _scores(result: dict[str, Any]) -> str:
+  """A classifier's test and validation accuracies (those it has), for stdout."""
+  splits = [s for s in ("test", "validation") if f"{s}_accuracy" in result]
+  return ", ".join(f"{s} accuracy {100 * result[f'{s}_accuracy']:.2f}%" for s in splits)
 
 
 def train_generator(
@@ -245,10 +246,9 @@ def train_generator(
     loss = latent.latent_vae_loss(model)
     params = jax.jit(model.init)(key, code, y, key)["params"]
     if cfg.public_pretrain_epochs:
-      pretraining = dataclasses.replace(training, epochs=cfg.public_pretrain_epochs, batch_size=128)
       params = tasks.pretrain_on_public(
-        label, loss, params, public_data, pretraining, keys=keys, run=out, aux_name="neg_elbo",
-        progress=cfg.progress,
+        label, loss, params, public_data, training, epochs=cfg.public_pretrain_epochs,
+        keys=keys, run=out, aux_name="neg_elbo", progress=cfg.progress,
       )  # fmt: skip
     trained = tasks.fit(
       label, loss, params, data, training, noise=noise, keys=keys, run=out, has_aux=True,

@@ -90,6 +90,8 @@ class Config(VAESettings, DataSettings, PrivacySettings, SyntheticSettings, RunS
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
       raise ValueError("--no-dp takes no --noise-multiplier, --target-epsilon or --epsilons")
+    if self.public_pretrain_epochs and self.public_size < 1:
+      raise ValueError("--public-pretrain-epochs needs a public partition (--public-size >= 1)")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -126,12 +128,10 @@ def run(cfg: Config) -> dict[str, Any]:
   loss = vae_loss(vae, beta=cfg.beta)
   start = jax.jit(init)()
   if cfg.public_pretrain_epochs:  # public only: one starting point for every pipeline
-    if splits.public is None:
-      raise cli.UsageError("--public-pretrain-epochs needs a public partition (--public-size)")
-    pretraining = dataclasses.replace(training, epochs=cfg.public_pretrain_epochs, batch_size=128)
     start = tasks.pretrain_on_public(
-      "VAE", loss, start, jax.device_put(splits.public.arrays()), pretraining, keys=keys,
-      run=out, aux_name="neg_elbo", progress=cfg.progress,
+      "VAE", loss, start, jax.device_put(splits.public.arrays()), training,
+      epochs=cfg.public_pretrain_epochs, keys=keys, run=out, aux_name="neg_elbo",
+      progress=cfg.progress,
     )  # fmt: skip
   for job in jobs:
     # The pipeline's own ledger: noisy label counts (if asked for), then the generator.

@@ -354,6 +354,7 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
     (["--public-size", "1500"], "--public-size"),
     (["--delta", "0.01"], "--delta"),
     (["--microbatch-size", "-4"], "--microbatch-size"),
+    (["--public-size", "0", "--public-pretrain-epochs", "3"], "--public-pretrain-epochs needs"),
   ],
 )
 def test_bad_flags_exit_with_one_line(exp, tmp_path, capsys, flags, needle):

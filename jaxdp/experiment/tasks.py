@@ -358,6 +358,9 @@ def fit(
   return Trained(label, released, entry, history)
 
 
+PRETRAIN_BATCH_SIZE = 128  # public pretraining: small batches, many steps on a small set
+
+
 def pretrain_on_public(
   label: str,
   loss_fn: Callable,
@@ -365,6 +368,7 @@ def pretrain_on_public(
   public_data: Mapping[str, jax.Array],
   training: Training,
   *,
+  epochs: int,
   keys: KeySource,
   run: RunFolder | None,
   aux_name: str,
@@ -375,14 +379,17 @@ def pretrain_on_public(
 
   Public pretraining is free of privacy cost (it reads no private data, so no ledger entry)
   and lets the noisy steps adapt a model instead of building one, which matters most at
-  small epsilon. ``training.batch_size`` is capped by the public set's size; the loss has
-  aux ``aux_name``.
+  small epsilon. It runs ``epochs`` epochs with ``training``'s optimiser and learning rate
+  at batch ``PRETRAIN_BATCH_SIZE`` (at most the public set's size), without an EMA; the loss
+  has aux ``aux_name``.
 
   Returns:
     The pretrained parameters.
   """
   n = int(jax.tree_util.tree_leaves(public_data)[0].shape[0])
-  training = dataclasses.replace(training, batch_size=min(training.batch_size, n), ema=0.0)
+  training = dataclasses.replace(
+    training, epochs=epochs, batch_size=min(PRETRAIN_BATCH_SIZE, n), ema=0.0
+  )
   return fit(
     f"{label} public pretraining", loss_fn, params, public_data, training, noise=None,
     keys=keys, run=run, release=True, has_aux=True, aux_name=aux_name, progress=progress,
