@@ -15,7 +15,8 @@ model. Curves come from the validation split; the test set is read once per rele
 Defaults (DP-SGD literature for MNIST): Tramer & Boneh's tanh CNN on fixed ScatterNet
 features, SGD momentum 0.9, clip 0.1, large batches, and an EMA of the iterates as the
 released model (post-processing, De et al. 2022). The recipe (batch 1024, 30 epochs, lr 2)
-was chosen on a 5000-example validation split (README, "How the defaults were chosen").
+was chosen on a 5000-example validation split (README, "How the defaults were chosen"), and
+so was the non-private model's (batch 1024, 10 epochs, lr 0.2).
 
 References:
   Abadi et al., "Deep Learning with Differential Privacy", CCS 2016. arXiv:1607.00133
@@ -58,6 +59,9 @@ class Config(DataSettings, PrivacySettings, ClassifierSettings, RunSettings):
 
   out: str = option("runs/dp_classifier", "parent folder of the run folder")
   clip: float = option(0.1, "L2 clip norm of each example's gradient", check="positive")
+  # Chosen on validation: 99.16% after 10 epochs at lr 0.2, against 99.02% after 20 at 0.05.
+  baseline_epochs: int = option(10, "epochs of the non-private model", check="positive_int")
+  baseline_lr: float = option(0.2, "its learning rate", check="positive")
 
 
 def run(cfg: Config) -> dict[str, Any]:

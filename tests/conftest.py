@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
+from jaxdp.models.scatternet import ScatterCNN
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -253,6 +256,7 @@ MODELS = {
   "cnn": TinyCNN,
   "mlp": TinyMLP,
   "groupnorm": TinyGroupNorm,
+  "scatter": functools.partial(ScatterCNN, num_classes=5, width=4, hidden=8, groups=1, affine=True),
   "tied": TiedDense,
   "smallmaps": SmallMaps,
   "strided": Strided,
@@ -328,6 +332,17 @@ def pytest_configure(config):
     jax.config.update("jax_disable_most_optimizations", True)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # Cached features (the ScatterNet transform of each split) in a folder of this session,
+  # never the user's ~/.cache; subprocesses (the studies' cells) inherit it.
+  if "JAXDP_CACHE_DIR" not in os.environ:
+    os.environ["JAXDP_CACHE_DIR"] = config._jaxdp_cache = tempfile.mkdtemp(prefix="jaxdp-cache-")
+
+
+def pytest_unconfigure(config):
+  """Removes the feature cache folder this process made (see pytest_configure)."""
+  made = getattr(config, "_jaxdp_cache", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
 
 
 # The end-to-end runs take longest: scheduled first, they overlap with the rest on the two

@@ -191,6 +191,7 @@ ENGINE_CASES = [
     "cnn",
     "mlp",
     "groupnorm",
+    "scatter",
     "tied",
     "smallmaps",
     "strided",
@@ -269,6 +270,8 @@ def test_fast_engine_plans_the_expected_rules():
   assert _plan_summary("cnn") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # GroupNorm via its own vjp, the custom self.param via vmap.
   assert _plan_summary("groupnorm") == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}
+  # The ScatterCNN's Affine (a norm's scale and bias) takes its own vjp, with no note.
+  assert _plan_summary("scatter") == {"vjp": 1, "conv": 2, "dense": 2, "vmap_leaves": 0}
   assert _plan_summary("tied") == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
   # jaxdp's space-to-depth conv computes the standard convolution: the im2col rule applies.
   assert _plan_summary("s2d") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
@@ -444,3 +447,38 @@ def test_conv_gram_norm_positions_match_the_patches():
       q = fast._tap_positions(ci, 3)
       flat = np.asarray(ci.x).reshape(3, -1, ci.x.shape[-1])
       np.testing.assert_array_equal(flat[:, q], patches)
+
+
+@pytest.mark.parametrize(
+  "kernel, padding, strides, dilation, lead",
+  [
+    ((3, 3), "SAME", 1, 1, ()),  # the ScatterNet CNN's first conv
+    ((3, 2), ((2, 1), (0, 3)), 1, 2, ()),  # uneven padding, dilated
+    ((3, 3), "SAME", 2, 1, ()),  # strided, no space-to-depth (3 is not a multiple of 2)
+    ((3, 3), "VALID", 1, 1, (2,)),  # a conv over 2 items of one example
+  ],
+)
+def test_gram_norm_without_padding_positions(kernel, padding, strides, dilation, lead):
+  # The Gram matrix of the unpadded input, zero-padded and summed per tap by slices, gives
+  # the same patch inner products as the Gram matrix of the padded input gathered per tap.
+  import dataclasses
+
+  import flax.linen as nn
+
+  b, c, p = 3, 5, 4
+  call = fast._Call(
+    module=nn.Conv(p, kernel, strides=strides, padding=padding, kernel_dilation=dilation),
+    names=("bias", "kernel"), leaf_ids=(0, 1), in_shape=(*lead, 7, 6, c),
+    out_shape=(), out_dtype=jnp.float32, rule="conv",
+  )  # fmt: skip
+  a = jax.random.normal(jax.random.key(0), (b, *lead, 7, 6, c))
+  ci = fast._conv_input(call, a)
+  assert ci.raw is not None and ci.perm is None
+  t = int(np.prod(ci.out)) * int(np.prod(lead))
+  g = jax.random.normal(jax.random.key(1), (b, t, p))
+  fast_norm = fast._conv_gram_sq_norm(ci, g)
+  padded = fast._conv_gram_sq_norm(dataclasses.replace(ci, raw=None), g)
+  np.testing.assert_allclose(fast_norm, padded, rtol=1e-5)
+  patches = fast._conv_patches(ci, b).reshape(b, t, -1)  # the materialised definition
+  want = jnp.einsum("btd,bsd,btp,bsp->b", patches, patches, g, g)
+  np.testing.assert_allclose(fast_norm, want, rtol=1e-4)

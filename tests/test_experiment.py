@@ -181,3 +181,57 @@ def test_public_model_cache_trains_once_and_reads_back_the_same_params(tmp_path)
   (tmp_path / "c" / "m.json").unlink()  # a half-written entry is never read
   _, info3 = tasks.public_model_cache(tmp_path / "c", "m", template, train)
   assert not info3["cached"] and len(calls) == 4
+
+
+def test_time_to_a_held_out_accuracy():
+  from jaxdp.experiment.tasks import time_to
+
+  history = [
+    {"epoch": 1, "time": 10.0, "validation_accuracy": 0.95},
+    {"epoch": 2, "time": 21.0, "validation_accuracy": 0.98},  # reached: this epoch's time
+    {"epoch": 3, "time": 30.0, "validation_accuracy": 0.97},
+    {"epoch": 4, "time": 41.0},  # no evaluation
+  ]
+  assert time_to(history, "validation_accuracy", 0.98) == 21.0
+  assert time_to(history, "validation_accuracy", 0.99) is None
+  assert time_to([], "validation_accuracy", 0.5) is None
+
+
+def test_scattering_features_are_cached_by_content(tmp_path, monkeypatch):
+  import threading
+
+  from jaxdp.experiment import tasks
+  from jaxdp.models import scatternet
+
+  calls = []
+  real = scatternet.scattering_dataset
+
+  def counted(images):
+    calls.append(len(images))
+    return real(images)
+
+  def features(images):  # and wait for the background write
+    out = tasks.scattering_features(images)
+    for t in threading.enumerate():
+      if t.name == "jaxdp-feature-cache":
+        t.join()
+    return out
+
+  monkeypatch.setattr(scatternet, "scattering_dataset", counted)
+  monkeypatch.setenv("JAXDP_CACHE_DIR", str(tmp_path))
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (3, 28, 28, 1)))
+  first = features(x)
+  again = features(x.copy())  # same content: read back, not recomputed
+  assert calls == [3] and np.array_equal(first, again)
+  assert len(list(tmp_path.glob("scattering-*.npy"))) == 1
+  features(x[:2])  # other images: another entry
+  assert calls == [3, 2] and len(list(tmp_path.glob("scattering-*.npy"))) == 2
+  next(tmp_path.glob("scattering-*.npy")).write_bytes(b"damaged")  # recomputed, not trusted
+  features(x)
+  features(x[:2])
+  assert len(calls) == 3
+  assert not list(tmp_path.glob("*.tmp.npy"))  # no half-written file left
+  monkeypatch.setenv("JAXDP_CACHE_DIR", "")  # set but empty: no cache at all
+  assert tasks.feature_cache_dir() is None
+  features(x)
+  assert len(calls) == 4

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdp.models.scatternet import ScatterCNN, scattering, scattering_filters
+from jaxdp.models.scatternet import (
+  ScatterCNN,
+  group_normalize,
+  lowpass_matrix,
+  scattering,
+  scattering_filters,
+)
 
 pytestmark = pytest.mark.slow  # the ScatterNet features' numerics (not a privacy property)
 
@@ -36,6 +42,19 @@ def test_filters_depend_only_on_hyperparameters():
   np.testing.assert_allclose(np.real(phi[0, 0]), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("res", [0, 1, 2])
+def test_separable_lowpass_is_the_fourier_lowpass(res):
+  # M u M^T equals filtering by phi's 2-D spectrum, alias-summing to 2^J and cropping.
+  size, J, lo, n = 44, 2, 2, 7
+  _, phi = scattering_filters(size, J, 8)
+  k, s = 2**res, 2 ** (J - res)
+  alias = lambda f, m: f.reshape(m, f.shape[0] // m, m, f.shape[1] // m).mean(axis=(0, 2))
+  u = np.random.default_rng(res).normal(size=(size // k, size // k))
+  ref = np.real(np.fft.ifft2(alias(np.fft.fft2(u) * alias(phi.astype(np.complex128), k), s)))
+  m = lowpass_matrix(size, J, res, lo, n)
+  np.testing.assert_allclose(m @ u @ m.T, ref[lo : lo + n, lo : lo + n], atol=1e-6)
+
+
 def test_features_are_per_example():
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
   together = scattering(x)
@@ -61,3 +80,35 @@ def test_scatter_cnn_runs():
   m = ScatterCNN()
   p = m.init(jax.random.key(0), jnp.zeros((1, 7, 7, 81)))
   assert m.apply(p, jnp.zeros((2, 7, 7, 81))).shape == (2, 10)
+
+
+def test_scatter_cnn_norm_is_flax_groupnorm():
+  # group_normalize + Affine is GroupNorm: same function of the same parameters.
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (5, 7, 7, 81)) * 3.0 + 1.0
+  scale = jax.random.normal(jax.random.key(1), (81,))
+  bias = jax.random.normal(jax.random.key(2), (81,))
+  want = nn.GroupNorm(num_groups=27).apply({"params": {"scale": scale, "bias": bias}}, x)
+  got = group_normalize(x, 27) * scale + bias
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  one = group_normalize(x[:1], 27)  # per example
+  np.testing.assert_allclose(group_normalize(x, 27)[:1], one, atol=1e-6)
+  params = ScatterCNN(affine=True).init(jax.random.key(0), x[:1])["params"]
+  assert set(params["Affine_0"]) == {"scale", "bias"} and params["Affine_0"]["scale"].shape == (81,)
+  # The default is the authors' GroupNorm(affine=False): the first parameters are the conv's.
+  assert set(ScatterCNN().init(jax.random.key(0), x[:1])["params"]) == {
+    "Conv_0",
+    "Conv_1",
+    "Dense_0",
+    "Dense_1",
+  }
+  with pytest.raises(ValueError, match="groups"):
+    group_normalize(x, 4)
+
+
+def test_dataset_features_in_padded_chunks_equal_the_whole_batch():
+  from jaxdp.models.scatternet import scattering_dataset
+
+  x = np.asarray(jax.random.uniform(jax.random.key(3), (7, 28, 28, 1)))
+  np.testing.assert_allclose(scattering_dataset(x, chunk=3), scattering(x), atol=1e-5)

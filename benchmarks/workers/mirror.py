@@ -25,7 +25,7 @@ def _perturbed(params: Any, seed: int) -> Any:
 def _copy_weights(pairs: list[tuple[Any, dict[str, Any]]], flat_chw: tuple[int, ...] | None):
   """Copies Flax layers' params into PyTorch layers: Conv (HWIO -> OIHW), Dense (transposed;
   the first Dense after a ``(C, H, W)`` flatten gets its rows reordered from Flax's HWC order)
-  and GroupNorm (scale, bias)."""
+  and GroupNorm (scale, bias; a Flax GroupNorm or Affine)."""
   import numpy as np
   import torch
   from torch import nn
@@ -68,11 +68,13 @@ def _check_classifier(name: str) -> dict[str, Any]:
   timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   with torch.no_grad():
     tmodel(timages)  # records the (N, C, H, W) shape that is flattened
-  layers = [m for m in tmodel.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm))]
-  # Flax names count per kind; PyTorch's order is GroupNorm, convs, then dense layers.
+  kinds = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+  layers = [m for m in tmodel.modules() if isinstance(m, kinds) and m.weight is not None]
+  # Flax names count per kind; PyTorch's order is GroupNorm, convs, then dense layers (the
+  # ScatterCNN's GroupNorm is a parameter-free normalisation and an Affine in Flax).
   keys = [
     f"{kind}_{i}"
-    for kind in ("GroupNorm", "Conv", "Dense")
+    for kind in ("GroupNorm", "Affine", "Conv", "Dense")
     for i in range(sum(k.startswith(kind + "_") for k in params))
   ]
   if len(layers) != len(keys):

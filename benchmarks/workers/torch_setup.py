@@ -57,9 +57,9 @@ def torch_model(name: str):
       nn.Tanh(),
       nn.Linear(64, NUM_CLASSES),
     )
-  if name == "scatter_cnn":  # ScatterCNN defaults: GroupNorm(27) on 81 channels, widths 32
+  if name == "scatter_cnn":  # ScatterCNN defaults: GroupNorm(27, no affine) on 81, widths 32
     return nn.Sequential(
-      nn.GroupNorm(27, SCATTER_SHAPE[-1], eps=1e-6),  # flax's GroupNorm epsilon
+      nn.GroupNorm(27, SCATTER_SHAPE[-1], eps=1e-6, affine=False),  # jaxdp's epsilon
       nn.Conv2d(SCATTER_SHAPE[-1], 32, 3, padding=1),
       nn.Tanh(),
       nn.AvgPool2d(2),
