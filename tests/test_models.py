@@ -50,3 +50,14 @@ def test_max_pool_under_jit_vmap_and_second_order():
   v = jax.random.normal(jax.random.key(4), x.shape)
   hvp = lambda fn: jax.jvp(jax.grad(fn), (x,), (v,))[1]
   np.testing.assert_allclose(hvp(f), hvp(flax_f), atol=1e-5)
+
+
+def test_vae_softplus_equals_jax_softplus_and_its_gradient():
+  from jaxdp.models.vae import softplus
+
+  x = jnp.concatenate([jnp.linspace(-100.0, 100.0, 2001), jnp.array([-jnp.inf, jnp.inf, 0.0])])
+  np.testing.assert_array_equal(softplus(x), jax.nn.softplus(x))  # the same formula
+  grad = jax.vmap(jax.grad(softplus))(x[:-3])
+  want = jax.vmap(jax.grad(jax.nn.softplus))(x[:-3])
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-12)
+  assert float(jax.grad(softplus)(0.0)) == 0.5

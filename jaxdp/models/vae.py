@@ -310,12 +310,29 @@ class ConditionalVAE(nn.Module):
     )
 
 
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+  """``log(1 + e^x)``, the same numbers as ``jax.nn.softplus`` (``max(x, 0) +
+  log1p(exp(-|x|))``, ``jnp.logaddexp(x, 0)``'s own formula) with the derivative
+  ``sigmoid(x)`` given directly. ``logaddexp``'s derivative carries selects for infinite
+  arguments that XLA's CPU backend runs at ~30 ns per pixel; with this one the DP-VAE's
+  whole step ran 1.19x (private) and 1.25x (non-private) faster at batch 1024, interleaved
+  in one process, with the same loss."""
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+  (x,), (t,) = primals, tangents
+  return softplus(x), t * jax.nn.sigmoid(x)
+
+
 def _nll(model: ConditionalVAE, out: jax.Array, x: jax.Array, log_scale: jax.Array | None):
   """-log p(x | z, y) summed over pixels, for each example of the batch."""
   axes = tuple(range(1, x.ndim))
   if model.decoder == "bernoulli":
     # -x log sigmoid(l) - (1 - x) log sigmoid(-l) = softplus(l) - x l: one softplus, not two.
-    return jnp.sum(jax.nn.softplus(out) - x * out, axis=axes)
+    return jnp.sum(softplus(out) - x * out, axis=axes)
   z2 = jnp.square((x - out) * jnp.exp(-log_scale))
   return jnp.sum(0.5 * z2 + log_scale + 0.5 * _LOG_2PI, axis=axes)
 
