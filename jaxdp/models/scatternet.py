@@ -69,8 +69,17 @@ def scattering_filters(size: int, J: int, L: int) -> tuple[np.ndarray, np.ndarra
       env = _gabor(size, sigma, theta, 0.0, slant)
       morlet = gab - (gab.sum() / env.sum()) * env  # zero mean
       psis.append(np.fft.fft2(morlet))
-  phi = np.real(_gabor(size, 0.8 * 2**J, 0.0, 0.0, 1.0))
-  return np.stack(psis).astype(np.complex64), np.fft.fft2(phi / phi.sum()).astype(np.complex64)
+  phi = np.outer(*(2 * [_lowpass_profile(size, J)]))  # an isotropic Gaussian is separable
+  return np.stack(psis).astype(np.complex64), phi.astype(np.complex64)
+
+
+@functools.cache
+def _lowpass_profile(size: int, J: int) -> np.ndarray:
+  """The 1-D spectrum (float64) of the low-pass phi_J, a Gaussian of width 0.8 * 2^J with
+  unit sum: phi_J's 2-D spectrum is its outer product with itself."""
+  c = np.fft.fftfreq(size, d=1.0 / size)
+  g = np.exp(-c * c / (2.0 * (0.8 * 2**J) ** 2))
+  return np.fft.fft(g / g.sum())
 
 
 def _periodize(xf: jax.Array, k: int) -> jax.Array:
@@ -98,14 +107,12 @@ def lowpass_matrix(size: int, J: int, res: int, out_lo: int, out_n: int) -> np.n
   """The low-pass of a signal at resolution ``2^res`` as a real ``(out_n, size / 2^res)``
   matrix ``M``: for an image ``u`` on that grid, ``M u M^T`` is ``u`` circularly convolved
   with ``phi_J`` (sampled every ``2^res`` pixels), subsampled to ``2^J`` and cropped to
-  ``[out_lo, out_lo + out_n)``. ``phi_J`` is an isotropic Gaussian, so the 2-D filter is
-  the outer product of a 1-D one and the operator is separable; ``M``'s columns are the 1-D
+  ``[out_lo, out_lo + out_n)``. ``phi_J`` is the outer product of a 1-D filter
+  (:func:`_lowpass_profile`), so the operator is separable; ``M``'s columns are the 1-D
   operator, in Fourier form (filter, alias sum, inverse transform), applied to unit vectors.
   """
   n_r, k, s = size // 2**res, 2**res, 2 ** (J - res)
-  c = np.fft.fftfreq(size, d=1.0 / size)
-  g = np.exp(-c * c / (2.0 * (0.8 * 2**J) ** 2))
-  gf = np.fft.fft(g / g.sum()).reshape(k, n_r).mean(axis=0)  # phi's spectrum at 2^res
+  gf = _lowpass_profile(size, J).reshape(k, n_r).mean(axis=0)  # phi's spectrum at 2^res
   spec = np.fft.fft(np.eye(n_r), axis=0) * gf[:, None]
   sub = np.fft.ifft(spec.reshape(s, n_r // s, n_r).mean(axis=0), axis=0).real
   return sub[out_lo : out_lo + out_n].astype(np.float32)
