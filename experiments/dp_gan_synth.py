@@ -1,10 +1,11 @@
-"""A private class-conditional WGAN (critic trained with DP-SGD) that releases a labelled
+"""A private class-conditional GAN (critic trained with DP-SGD) that releases a labelled
 synthetic MNIST to train on.
 
-    python experiments/dp_gan_synth.py                          # WGAN-GP at eps = 10
+    python experiments/dp_gan_synth.py                          # DP-GAN at eps = 10
     python experiments/dp_gan_synth.py --quick                  # a smoke run, minutes on a CPU
     python experiments/dp_gan_synth.py --epsilons 0.8,3,8       # one grid per epsilon
-    python experiments/dp_gan_synth.py --gradient-penalty 0 --weight-clip 0.01   # WGAN
+    python experiments/dp_gan_synth.py --loss wasserstein       # WGAN-GP
+    python experiments/dp_gan_synth.py --loss wasserstein --gradient-penalty 0 --weight-clip 0.01
 
 For each privacy level: (1) class proportions (balanced, or ``--dp-label-counts``); (2) the
 critic (:class:`jaxdp.models.gan.ImageCritic`) trained through the one jaxdp step on the
@@ -36,7 +37,6 @@ from typing import Any, ClassVar
 
 import jax
 import numpy as np
-import optax
 
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
@@ -71,22 +71,52 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   critic_steps: int = option(5, "critic steps per generator step", check="positive_int")
   lr: float = option(1e-3, "critic Adam learning rate", check="positive")
   generator_lr: float = option(1e-3, "generator Adam learning rate (b1 0.5)", check="positive")
+  mode_seeking: float = option(
+    1.0,
+    "weight of the generator's mode-seeking term against a class collapsing to a few "
+    "images (MSGAN; generator only, no privacy cost; 0: off)",
+  )
+  generator_ema: float = option(
+    0.99,
+    "release an exponential moving average of the generator's iterates with this decay "
+    "(0: the last iterate; post-processing, no privacy cost)",
+    check="decay",
+  )
   clip: float = option(1.0, "L2 clip norm of each pair's gradient", check="positive")
-  gradient_penalty: float = option(10.0, "WGAN-GP weight, inside the per-example loss (0: off)")
+  loss: str = option("logistic", "critic objective: the original GAN's cross-entropy with a "
+                     "non-saturating generator (logistic), or the WGAN's (wasserstein)",
+                     choices=gan.LOSSES)  # fmt: skip
+  gradient_penalty: float | None = option(
+    None,
+    "WGAN-GP weight, inside the per-example loss (0: off; default: 10 with --loss "
+    "wasserstein, 0 with logistic, which needs no Lipschitz constraint)",
+  )
   weight_clip: float | None = option(
     None, "keep every critic parameter in [-c, c] (the original WGAN)", check="positive"
   )
   latent_dim: int = option(32, "generator latent dimension", check="positive_int")
   generator_width: int = option(64, "generator channels", check="positive_int")
   critic_width: int = option(16, "critic channels of its first conv", check="positive_int")
+  critic_hidden: int = option(
+    128, "units of the critic's Dense layer after its convs (0: none)", check="non_negative_int"
+  )
   critic_activation: str = option("leaky_relu", "critic activation",
                                   choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
 
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
       raise ValueError("--no-dp takes no --noise-multiplier, --target-epsilon or --epsilons")
-    if self.gradient_penalty < 0:
+    if self.mode_seeking < 0:
+      raise ValueError(f"--mode-seeking must be >= 0, got {self.mode_seeking}")
+    if self.gradient_penalty is not None and self.gradient_penalty < 0:
       raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
+
+  @property
+  def penalty(self) -> float:
+    """The gradient penalty's weight, its default resolved by the loss."""
+    if self.gradient_penalty is not None:
+      return self.gradient_penalty
+    return 10.0 if self.loss == "wasserstein" else 0.0
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -95,7 +125,7 @@ def run(cfg: Config) -> dict[str, Any]:
   private, k = splits.private, splits.num_classes
   n = len(private)
   generator = gan.ImageGenerator(private.image_shape, k, cfg.latent_dim, cfg.generator_width)
-  critic = gan.ImageCritic(k, cfg.critic_width, cfg.critic_activation)
+  critic = gan.ImageCritic(k, cfg.critic_width, cfg.critic_activation, cfg.critic_hidden)
   key = jax.random.key(cfg.seed)  # public: initialisation
   z, y = np.zeros((1, cfg.latent_dim), np.float32), np.zeros((1,), np.int32)
   try:
@@ -112,16 +142,18 @@ def run(cfg: Config) -> dict[str, Any]:
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))
   keys = cfg.key_source()
   features, feature_info = tasks.run_feature_network(cfg, splits)
-  name = "WGAN-GP" if cfg.gradient_penalty > 0 else "WGAN"
+  name = {"wasserstein": "WGAN", "logistic": "GAN"}[cfg.loss]
+  name += "-GP" if cfg.penalty > 0 else ""
   release = tasks.SyntheticRelease(out, splits, name, cfg.images_per_class)
-  loss = gan.critic_loss(critic, gradient_penalty=cfg.gradient_penalty)
+  loss = gan.critic_loss(critic, gradient_penalty=cfg.penalty, loss=cfg.loss)
 
   for job in jobs:
     ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
-    noise = tasks.critic_noise(noise, cfg.gradient_penalty)
+    noise = tasks.critic_noise(noise, cfg.penalty)
     trainer = tasks.GeneratorTrainer(
-      generator, critic, init_g(), optax.adam(cfg.generator_lr, b1=0.5, b2=0.9),
+      generator, critic, init_g(), gan.generator_optimizer(cfg.generator_lr, cfg.generator_ema),
       batch_size=cfg.batch_size, every=cfg.critic_steps, key=keys.key(f"{job.label}/fakes"),
+      loss=cfg.loss, mode_seeking=cfg.mode_seeking,
     )  # fmt: skip
     trained = tasks.fit(
       job.label, loss, init_c(), jax.device_put(private.arrays()), training, noise=noise,
@@ -136,11 +168,9 @@ def run(cfg: Config) -> dict[str, Any]:
     entry.update(critic=trained.entry, history=trained.history)
     entry["generator_steps"] = trained.entry["steps"] // cfg.critic_steps
     entry["train_time_s"] = trained.entry["train_time_s"]
-    entry["generator_checkpoint"] = out.save_params(
-      job.label, trainer.state.params, released=job.private
-    )
+    entry["generator_checkpoint"] = out.save_params(job.label, trainer.params, released=job.private)
     result, synthetic = tasks.evaluate_generator(
-      job.label, functools.partial(gan.sample, generator, trainer.state.params), cfg, splits,
+      job.label, functools.partial(gan.sample, generator, trainer.params), cfg, splits,
       proportions=proportions, features=features, keys=keys, run=out, release=job.private,
       test=cfg.test, seed=cfg.seed, progress=cfg.progress,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """The generator comparison: every jaxdp generator at several epsilons and seeds, on
 downstream accuracy, FID / IS, stability and wall time.
 
-    python experiments/dp_generator_study.py            # 5 generators x eps 1,3,10 x 3 seeds
+    python experiments/dp_generator_study.py            # 6 generators x eps 1,3,10 x 3 seeds
     python experiments/dp_generator_study.py --quick    # a smoke study, under 10 minutes
     python experiments/dp_generator_study.py --generators dp-vae,latent-vae --epsilons 10
 
@@ -32,11 +32,17 @@ from jaxdp.experiment.settings import RunSettings, StudySettings
 from jaxdp.plots import class_grid, plot_series
 from jaxdp.synth import load_npz
 
+# The WGANs as first measured: the last iterate of the generator, no mode-seeking term.
+_WGAN = ("--loss", "wasserstein", "--generator-ema", "0", "--mode-seeking", "0")
 # Each generator: its script and the flags that make it that generator.
 GENERATORS = {
   "dp-vae": ("experiments/dp_vae_synth.py", ()),
-  "dp-wgan": ("experiments/dp_gan_synth.py", ("--gradient-penalty", "0", "--weight-clip", "0.01")),
-  "dp-wgan-gp": ("experiments/dp_gan_synth.py", ()),
+  "dp-gan": ("experiments/dp_gan_synth.py", ()),
+  "dp-wgan": (
+    "experiments/dp_gan_synth.py",
+    (*_WGAN, "--gradient-penalty", "0", "--weight-clip", "0.01"),
+  ),
+  "dp-wgan-gp": ("experiments/dp_gan_synth.py", _WGAN),
   "latent-vae": ("experiments/dp_latent_synth.py", ()),
   "latent-gan": ("experiments/dp_latent_synth.py", ("--generator", "gan")),
 }

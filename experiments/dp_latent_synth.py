@@ -45,7 +45,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdp.experiment import cli, tasks
 from jaxdp.experiment.cli import option
@@ -263,7 +262,7 @@ def train_generator(
   critic = gan.VectorCritic(k, cfg.hidden, cfg.critic_activation)
   trainer = tasks.GeneratorTrainer(
     g, critic, jax.jit(g.init)(key, jnp.zeros((1, cfg.latent_dim)), y)["params"],
-    optax.adam(cfg.generator_lr, b1=0.5, b2=0.9), batch_size=cfg.batch_size,
+    gan.generator_optimizer(cfg.generator_lr), batch_size=cfg.batch_size,
     every=cfg.critic_steps, key=keys.key(f"{label}/fakes"),
   )  # fmt: skip
   trained = tasks.fit(
@@ -275,9 +274,9 @@ def train_generator(
   )  # fmt: skip
 
   def sample_gan(labels: Any, key: jax.Array) -> jax.Array:
-    return gan.sample(g, trainer.state.params, labels, key)
+    return gan.sample(g, trainer.params, labels, key)
 
-  return trained, sample_gan, trainer.state.params
+  return trained, sample_gan, trainer.params
 
 
 def _public_cut(public: Any) -> int:

@@ -16,6 +16,8 @@ import pytest
 from test_dp_classifier import load_script
 
 from jaxdp import accounting, optim
+from jaxdp.clipping import fast
+from jaxdp.experiment import tasks
 from jaxdp.models import gan
 from jaxdp.step import DPConfig, init_state, make_step
 
@@ -76,6 +78,40 @@ def test_each_row_pairs_its_real_and_its_fake_and_padding_adds_nothing(tiny, eng
   assert float(full.losses[3]) == pytest.approx(float(value), abs=1e-6)
 
 
+def test_the_pair_goes_through_each_critic_layer_once_so_the_fast_rules_apply(tiny):
+  _, d, _, params, data, rows = tiny
+  x0 = {k: v[0] for k, v in {**data, **rows}.items()}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "no rule" / fallback note
+    plan = fast.discover(gan.critic_loss(d), params, x0, jax.random.key(0), True)
+  assert plan.summary() == {"conv": 2, "dense": 2, "vmap_leaves": 0}
+  # Scores read from the one call on (real, fake) equal two separate calls.
+  value, aux = gan.critic_loss(d)(params, x0, jax.random.key(0))
+  d_real = gan.critic_score(d, params, x0["image"], x0["label"])
+  d_fake = gan.critic_score(d, params, x0["fake"], x0["fake_label"])
+  assert float(value) == pytest.approx(float(d_fake - d_real), abs=1e-6)
+  assert float(aux["wasserstein"]) == pytest.approx(float(d_real - d_fake), abs=1e-6)
+
+
+def test_the_logistic_loss_is_the_gan_cross_entropy_and_its_generator_non_saturating(tiny):
+  g, d, g_params, params, data, rows = tiny
+  x0 = {k: v[0] for k, v in {**data, **rows}.items()}
+  value, aux = gan.critic_loss(d, loss="logistic")(params, x0, jax.random.key(0))
+  d_real = gan.critic_score(d, params, x0["image"], x0["label"])
+  d_fake = gan.critic_score(d, params, x0["fake"], x0["fake_label"])
+  want = -jnp.log(jax.nn.sigmoid(d_real)) - jnp.log(1 - jax.nn.sigmoid(d_fake))
+  assert float(value) == pytest.approx(float(want), rel=1e-5)
+  assert float(aux["wasserstein"]) == pytest.approx(float(d_real - d_fake), abs=1e-6)
+  opt = optax.sgd(0.0)
+  state = gan.GeneratorState(g_params, opt.init(g_params))
+  _, loss = gan.generator_update(g, d, opt, 8, loss="logistic")(state, params, jax.random.key(2))
+  z, y = gan._draw(jax.random.key(2), 8, g.latent_dim, g.num_classes)
+  scores = d.apply({"params": params}, g.apply({"params": g_params}, z, y))[jnp.arange(8), y]
+  assert float(loss) == pytest.approx(float(jnp.mean(-jnp.log(jax.nn.sigmoid(scores)))), rel=1e-5)
+  with pytest.raises(ValueError, match="loss"):
+    gan.critic_loss(d, loss="hinge")
+
+
 @pytest.mark.parametrize("engine", ["fast", "reference"])
 def test_the_gradient_penalty_stays_within_the_clipping_bound(tiny, engine):
   _, d, _, params, data, rows = tiny
@@ -105,6 +141,57 @@ def test_generated_rows_and_generator_steps_read_no_private_data(tiny):
   assert images.shape == (7, 12, 12, 1) and float(images.min()) >= 0 and float(images.max()) <= 1
 
 
+def test_the_released_generator_is_the_average_of_its_iterates_when_asked(tiny):
+  g, d, g_params, d_params, _, _ = tiny
+  state = init_state(d_params, optax.sgd(0.1), jax.random.key(0))
+  released = {}
+  for ema in (0.0, 0.9):
+    trainer = tasks.GeneratorTrainer(
+      g, d, g_params, gan.generator_optimizer(1e-2, ema), batch_size=8, every=1,
+      key=jax.random.key(0),
+    )  # fmt: skip
+    iterates = []
+    for step in range(1, 4):
+      trainer.after_step(step, state)
+      iterates.append(trainer.state.params)
+    released[ema] = trainer.params
+    last = _leaves(trainer.state.params)
+  # The last iterate without averaging; with it, the warmed-up average of the 3 iterates
+  # (decays min(0.9, (1 + t) / (10 + t)) = 2/11, 3/12, 4/13 at t = 1, 2, 3).
+  for a, b in zip(_leaves(released[0.0]), last, strict=True):
+    np.testing.assert_array_equal(a, b)
+  want = jax.tree_util.tree_map(lambda x: x, g_params)
+  for t, p in enumerate(iterates, start=1):
+    dt = min(0.9, (1 + t) / (10 + t))
+    want = jax.tree_util.tree_map(lambda w, x, dt=dt: dt * w + (1 - dt) * x, want, p)
+  for a, b in zip(_leaves(released[0.9]), _leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mode_seeking_spreads_a_class_and_reports_the_adversarial_loss_alone(tiny):
+  g, d, g_params, d_params, _, _ = tiny
+  opt = optax.adam(1e-3)
+  state = gan.GeneratorState(g_params, opt.init(g_params))
+  key = jax.random.key(4)
+  z = jax.random.normal(jax.random.key(9), (64, g.latent_dim))
+  y = jnp.arange(32) % 5
+
+  def spread(params):  # mean |G(z1, y) - G(z2, y)| over pairs of one label
+    a = g.apply({"params": params}, z[:32], y)
+    return float(jnp.mean(jnp.abs(a - g.apply({"params": params}, z[32:], y))))
+
+  plain, _ = gan.generator_update(g, d, opt, 16)(state, d_params, key)
+  seeking, loss1 = gan.generator_update(g, d, opt, 16, mode_seeking=1.0)(state, d_params, key)
+  assert spread(seeking.params) > spread(plain.params)
+  # The reported loss is -mean D at the same draws (paired labels): not the regulariser.
+  zd, yd = gan._draw(key, 16, g.latent_dim, g.num_classes)
+  yd = yd.at[8:].set(yd[:8])
+  scores = d.apply({"params": d_params}, g.apply({"params": g_params}, zd, yd))[jnp.arange(16), yd]
+  assert float(loss1) == pytest.approx(float(-jnp.mean(scores)), rel=1e-5)
+  with pytest.raises(ValueError, match="mode_seeking"):
+    gan.generator_update(g, d, opt, 16, mode_seeking=-1.0)
+
+
 def test_weight_clipping_keeps_the_critic_in_its_box(tiny):
   _, d, _, params, data, rows = tiny
   opt = optim.make_optimizer("adam", 0.5, weight_clip=0.01)
@@ -126,7 +213,9 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path)
   flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
   flags += ["--generator-width", "8", "--critic-width", "4", "--latent-dim", "8"]
   flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--gradient-penalty", "0"]
-  flags += ["--weight-clip", "0.05", "--out", str(tmp_path), "--name", "g"]
+  flags += ["--weight-clip", "0.05", "--generator-ema", "0.9", "--critic-hidden", "0"]
+  flags += ["--mode-seeking", "1"]
+  flags += ["--out", str(tmp_path), "--name", "g"]
   metrics = exp.main(flags)
   out = tmp_path / "g"
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png",

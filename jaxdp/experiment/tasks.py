@@ -586,6 +586,10 @@ class GeneratorTrainer:
     batch_size: draws per generator step.
     every: critic steps per generator step.
     key: the generator's randomness (fakes and latent draws).
+    loss: the critic's objective (:data:`jaxdp.models.gan.LOSSES`), which sets the
+      generator's.
+    mode_seeking: weight of the generator's mode-seeking regulariser (0: off; see
+      :func:`jaxdp.models.gan.generator_update`).
   """
 
   def __init__(
@@ -598,11 +602,15 @@ class GeneratorTrainer:
     batch_size: int,
     every: int,
     key: jax.Array,
+    loss: str = "wasserstein",
+    mode_seeking: float = 0.0,
   ) -> None:
     _validate.positive_int("every", every)
     self.generator, self.every, self.key = generator, every, key
     self.state = gan_lib.GeneratorState(params, optimizer.init(params))
-    self.update = gan_lib.generator_update(generator, critic, optimizer, batch_size)
+    self.update = gan_lib.generator_update(
+      generator, critic, optimizer, batch_size, loss, mode_seeking
+    )
     self.losses: list[jax.Array] = []
     self.count = 0
 
@@ -620,6 +628,14 @@ class GeneratorTrainer:
     if step % self.every == 0:
       self.state, loss = self.update(self.state, critic_state.params, self._next_key())
       self.losses.append(loss)
+
+  @property
+  def params(self) -> PyTree:
+    """The released generator's parameters: the optimiser's parameter average when it keeps
+    one (:func:`jaxdp.optim.param_ema`: post-processing, no privacy cost), else the last
+    iterate."""
+    average = optim.ema_params(self.state.opt_state)
+    return self.state.params if average is None else average
 
   def epoch_loss(self, _: Any) -> dict[str, float]:
     """The mean generator loss since the last call (post-processing of the DP critic);
