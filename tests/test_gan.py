@@ -144,24 +144,22 @@ def test_generated_rows_and_generator_steps_read_no_private_data(tiny):
 def test_the_released_generator_is_the_average_of_its_iterates_when_asked(tiny):
   g, d, g_params, d_params, _, _ = tiny
   state = init_state(d_params, optax.sgd(0.1), jax.random.key(0))
-  released = {}
+  released, last, iterates = {}, {}, {}
   for ema in (0.0, 0.9):
     trainer = tasks.GeneratorTrainer(
       g, d, g_params, gan.generator_optimizer(1e-2, ema), batch_size=8, every=1,
       key=jax.random.key(0),
     )  # fmt: skip
-    iterates = []
     for step in range(1, 4):
       trainer.after_step(step, state)
-      iterates.append(trainer.state.params)
-    released[ema] = trainer.params
-    last = _leaves(trainer.state.params)
+      iterates.setdefault(ema, []).append(trainer.state.params)
+    released[ema], last[ema] = trainer.params, trainer.state.params
   # The last iterate without averaging; with it, the warmed-up average of the 3 iterates
   # (decays min(0.9, (1 + t) / (10 + t)) = 2/11, 3/12, 4/13 at t = 1, 2, 3).
-  for a, b in zip(_leaves(released[0.0]), last, strict=True):
+  for a, b in zip(_leaves(released[0.0]), _leaves(last[0.0]), strict=True):
     np.testing.assert_array_equal(a, b)
-  want = jax.tree_util.tree_map(lambda x: x, g_params)
-  for t, p in enumerate(iterates, start=1):
+  want = g_params
+  for t, p in enumerate(iterates[0.9], start=1):
     dt = min(0.9, (1 + t) / (10 + t))
     want = jax.tree_util.tree_map(lambda w, x, dt=dt: dt * w + (1 - dt) * x, want, p)
   for a, b in zip(_leaves(released[0.9]), _leaves(want), strict=True):
