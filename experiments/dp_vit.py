@@ -3,12 +3,13 @@
     python experiments/dp_vit.py                   # eps = 3
     python experiments/dp_vit.py --quick           # a smoke run, minutes on a CPU
     python experiments/dp_vit.py --no-test --lr 3e-3 --epochs 20    # tuning: validation only
+    python experiments/dp_vit.py --model scatter_vit   # tokens: ScatterNet features
 
 :class:`jaxdp.models.classifier.ViT` (patches, a Dense patch embedding over the tokens,
 learned positions, pre-norm blocks of multi-head self-attention and an MLP, mean pooling)
 trains through the one jaxdp step on the fast engine: the patch embedding and the
 attention's query / key / value / output projections take the dense rule over the tokens,
-the position table the Embed rule, LayerNorm its per-layer vjp; nothing falls back to a
+the position table the Embed rule, LayerNorm the norm rule; nothing falls back to a
 whole-model vmap. Everything else is the classifier experiment's (``dp_classifier.py``:
 calibrated secret noise, curves on validation, the test set read once per released model).
 
@@ -51,7 +52,12 @@ class Config(DataSettings, PrivacySettings, ClassifierSettings, RunSettings):
   }  # fmt: skip
 
   out: str = option("runs/dp_vit", "parent folder of the run folder")
-  model: str = option("vit", "classifier", choices=("vit",))
+  model: str = option(
+    "vit",
+    "vit: tokens are pixel patches; scatter_vit: tokens are the ScatterNet features of the "
+    "7x7 grid of 4x4 patches (fixed filters, no privacy cost; --patch does not apply)",
+    choices=("vit", "scatter_vit"),
+  )
   activation: str = option("gelu", "MLP activation", choices=tuple(ACTIVATIONS))
   epochs: int = option(20, "private training epochs", check="positive_int")
   batch_size: int = option(1024, "expected (Poisson) batch size", check="positive_int")
@@ -73,7 +79,8 @@ class Config(DataSettings, PrivacySettings, ClassifierSettings, RunSettings):
       raise ValueError(f"--heads must divide --dim ({self.dim}), got {self.heads}")
 
   def architecture(self) -> dict[str, Any]:
-    return dict(patch=self.patch, dim=self.dim, depth=self.depth, heads=self.heads, mlp=self.mlp)
+    arch = dict(dim=self.dim, depth=self.depth, heads=self.heads, mlp=self.mlp)
+    return arch if self.model == "scatter_vit" else dict(patch=self.patch, **arch)
 
 
 def run(cfg: Config) -> dict[str, Any]:

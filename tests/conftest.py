@@ -42,7 +42,7 @@ class TinyMLP(nn.Module):
 
 
 class TinyGroupNorm(nn.Module):
-  """Conv + GroupNorm + a custom self.param: exercises the per-layer vjp and vmap fallbacks."""
+  """Conv + GroupNorm + a custom self.param: exercises the norm rule and the vmap fallback."""
 
   @nn.compact
   def __call__(self, x):
@@ -55,7 +55,7 @@ class TinyGroupNorm(nn.Module):
 
 
 class TiedDense(nn.Module):
-  """The same Dense called twice (weight sharing): the per-layer vjp must add both uses."""
+  """The same Dense called twice (weight sharing): the rule must add both uses."""
 
   @nn.compact
   def __call__(self, x):
@@ -63,6 +63,25 @@ class TiedDense(nn.Module):
     d = nn.Dense(8)
     x = jnp.tanh(d(jnp.tanh(d(x))))
     return nn.Dense(5)(x)
+
+
+class Shared(nn.Module):
+  """Weight sharing under every rule: one Conv on the image and on its subsampled copy (two
+  map sizes), one LayerNorm on both maps, one Dense over the positions of both (144 and 36
+  rows), one Embed on two token sequences; plus an RMSNorm and a LayerNorm whose features
+  are two axes (a (12, 4) scale and bias)."""
+
+  @nn.compact
+  def __call__(self, x):
+    tokens = jnp.clip(jnp.nan_to_num(jnp.round(x[..., 0])) + 2, 0, 4).astype(jnp.int32)
+    conv, norm, dense, embed = nn.Conv(4, (3, 3)), nn.LayerNorm(), nn.Dense(6), nn.Embed(5, 6)
+    a = jnp.tanh(norm(conv(x)))
+    a = nn.LayerNorm(reduction_axes=(-3, -2, -1), feature_axes=(-2, -1))(a)
+    b = jnp.tanh(norm(conv(x[:, ::2, ::2])))
+    h = jnp.tanh(dense(a.reshape(1, -1, 4))).mean(1) + jnp.tanh(dense(b.reshape(1, -1, 4))).mean(1)
+    first, sparse = tokens[:, :3].reshape(1, -1), tokens[:, ::4, ::4].reshape(1, -1)
+    e = embed(first).mean(1) + embed(sparse).mean(1)
+    return nn.Dense(5)(nn.RMSNorm()(h + e))
 
 
 class SmallMaps(nn.Module):
@@ -258,6 +277,7 @@ MODELS = {
   "groupnorm": TinyGroupNorm,
   "scatter": functools.partial(ScatterCNN, num_classes=5, width=4, hidden=8, groups=1, affine=True),
   "tied": TiedDense,
+  "shared": Shared,
   "smallmaps": SmallMaps,
   "strided": Strided,
   "s2d": SpaceToDepth,

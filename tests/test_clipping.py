@@ -193,6 +193,7 @@ ENGINE_CASES = [
     "groupnorm",
     "scatter",
     "tied",
+    "shared",
     "smallmaps",
     "strided",
     "s2d",
@@ -203,7 +204,7 @@ ENGINE_CASES = [
   )
   for h in ("auto", "ghost")
 ]
-GRAM_MODELS = ("nnx", "cnn", "smallmaps", "strided", "s2d", "pairs", "unread")
+GRAM_MODELS = ("nnx", "cnn", "shared", "smallmaps", "strided", "s2d", "pairs", "unread")
 ENGINE_CASES += [(m, "gram") for m in GRAM_MODELS]
 
 
@@ -239,8 +240,8 @@ def test_engines_on_the_vae(decoder, how, monkeypatch):
   params = model.init(k3, images[:1], labels[:1], k3)["params"]
   batch, loss_fn = {"image": images, "label": labels}, vae_loss(model)
   plan = fast.discover(loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch), k1, True)
-  # Both convs and all 5 Dense layers by rule, the GroupNorm by its vjp.
-  assert (plan.summary()["conv"], plan.summary()["dense"], plan.summary()["vjp"]) == (2, 5, 1)
+  # Both convs, all 5 Dense layers and the GroupNorm by rule.
+  assert (plan.summary()["conv"], plan.summary()["dense"], plan.summary()["norm"]) == (2, 5, 1)
   # A bound between the smallest and the largest norm: some rows clipped, some not.
   rngs = jax.random.split(jax.random.key(1), 12)
   norms = clipped(reference, loss_fn, params, batch, REAL, rngs, 1.0, has_aux=True)
@@ -260,19 +261,22 @@ def _plan_summary(name):
 
 def test_fast_engine_plans_the_expected_rules():
   # Flax NNX, no rewrite: Linear and Conv take the dense and conv rules, Embed its own (token
-  # equality ghost norm, scattered sum), the three norms and the Linear called twice (2
-  # calls: weight sharing) the per-layer vjp; nothing on vmap.
-  assert _plan_summary("nnx") == {"embed": 1, "vjp": 5, "conv": 2, "dense": 2, "vmap_leaves": 0}
+  # equality ghost norm, scattered sum), LayerNorm, GroupNorm and RMSNorm the norm rule, and
+  # the Linear called twice (weight sharing) the dense rule on both calls; nothing on vmap.
+  assert _plan_summary("nnx") == {"embed": 1, "norm": 3, "conv": 2, "dense": 4, "vmap_leaves": 0}
   # Attention: the query / key / value / output projections (DenseGeneral over the tokens)
   # take the dense rule, Linen and NNX alike; the learned positions (a self.param) vmap.
-  assert _plan_summary("vit") == {"dense": 8, "vjp": 2, "vmap_leaves": 1}
-  assert _plan_summary("nnx_vit") == {"dense": 8, "vjp": 2, "vmap_leaves": 0}
+  assert _plan_summary("vit") == {"dense": 8, "norm": 2, "vmap_leaves": 1}
+  assert _plan_summary("nnx_vit") == {"dense": 8, "norm": 2, "vmap_leaves": 0}
   assert _plan_summary("cnn") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
-  # GroupNorm via its own vjp, the custom self.param via vmap.
-  assert _plan_summary("groupnorm") == {"conv": 1, "vjp": 1, "dense": 1, "vmap_leaves": 1}
+  # GroupNorm by the norm rule, the custom self.param via vmap.
+  assert _plan_summary("groupnorm") == {"conv": 1, "norm": 1, "dense": 1, "vmap_leaves": 1}
   # The ScatterCNN's Affine (a norm's scale and bias) takes its own vjp, with no note.
   assert _plan_summary("scatter") == {"vjp": 1, "conv": 2, "dense": 2, "vmap_leaves": 0}
-  assert _plan_summary("tied") == {"vjp": 2, "dense": 1, "vmap_leaves": 0}
+  # Weight sharing: every call of a shared Dense, Conv, Embed or LayerNorm keeps its rule.
+  assert _plan_summary("tied") == {"dense": 3, "vmap_leaves": 0}
+  want = {"conv": 2, "norm": 4, "dense": 3, "embed": 2, "vmap_leaves": 0}
+  assert _plan_summary("shared") == want
   # jaxdp's space-to-depth conv computes the standard convolution: the im2col rule applies.
   assert _plan_summary("s2d") == {"conv": 2, "dense": 1, "vmap_leaves": 0}
   # An unknown conv function may compute anything: the layer's own vjp, never the rule.

@@ -27,8 +27,29 @@ def test_vit_takes_the_fast_rules_with_nothing_left_to_vmap():
     plan = fast.discover(classifier_loss(model), params, {"image": x[0], "label": jnp.asarray(0)},
                          jax.random.key(0), True)  # fmt: skip
   # patch embedding, q/k/v/out projections, MLP x2, head: dense; positions: embed;
-  # 3 LayerNorms: their vjp
-  assert plan.summary() == {"dense": 8, "embed": 1, "vjp": 3, "vmap_leaves": 0}
+  # 3 LayerNorms: the norm rule
+  assert plan.summary() == {"dense": 8, "embed": 1, "norm": 3, "vmap_leaves": 0}
+
+
+def test_scatter_vit_has_a_token_per_scattering_position_and_the_fast_rules():
+  """--model scatter_vit: the 7x7 grid of 81 ScatterNet features is 49 tokens of 81, the
+  model normalises them itself (no statistic of the data) and takes the same rules."""
+  from jaxdp.experiment import tasks
+
+  model = tasks.make_classifier("scatter_vit", 10, "gelu", dim=16, depth=1, heads=2, mlp=16)
+  x = jax.random.normal(jax.random.key(1), (1, 7, 7, 81))
+  params = model.init(jax.random.key(0), x)["params"]
+  vit = params["ViT_0"]
+  assert vit["Embed_0"]["embedding"].shape == (49, 16)  # one position per grid cell
+  assert vit["Dense_0"]["kernel"].shape == (81, 16)  # a token is one cell's 81 features
+  # The features enter normalised per example: scaling an example's input changes nothing.
+  logits = lambda z: model.apply({"params": params}, z)
+  assert jnp.allclose(logits(x), logits(3.0 * x + 1.0), atol=1e-4)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plan = fast.discover(classifier_loss(model), params, {"image": x[0], "label": jnp.asarray(0)},
+                         jax.random.key(0), True)  # fmt: skip
+  assert plan.summary() == {"dense": 8, "embed": 1, "norm": 3, "vmap_leaves": 0}
 
 
 @pytest.mark.slow

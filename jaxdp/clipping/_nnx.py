@@ -68,7 +68,7 @@ def twin(layer: nnx.Module) -> nn.Module | None:
   """The unbound Linen layer computing ``layer``'s function of the same parameters, or None.
 
   Linear, LinearGeneral (attention's projections) and Conv get the engine's dense and conv
-  rules, Embed its embed rule, LayerNorm, RMSNorm and GroupNorm the per-layer vjp."""
+  rules, Embed its embed rule, LayerNorm, RMSNorm and GroupNorm the norm rule."""
   kind = type(layer)
   if getattr(layer, "preferred_element_type", None) is not None:
     return None

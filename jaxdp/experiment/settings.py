@@ -40,8 +40,9 @@ __all__ = [
 
 DATASETS = (*data.DATASETS, "synthetic")
 # The classifiers an experiment can train (jaxdp.experiment.tasks.make_classifier);
-# scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features.
-CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn")
+# scatter_cnn: Tramer & Boneh's small CNN on fixed ScatterNet features; scatter_vit: a ViT
+# whose tokens are those features.
+CLASSIFIERS = (*classifier_lib.MODELS, "scatter_cnn", "scatter_vit")
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> tuple[int, ...]:

@@ -413,17 +413,19 @@ def make_classifier(name: str, num_classes: int, activation: str, **architecture
   _validate.one_of("model", name, CLASSIFIERS)
   if name == "scatter_cnn":
     return scatternet.ScatterCNN(num_classes=num_classes, act=activation, **architecture)
+  if name == "scatter_vit":
+    return scatternet.ScatterViT(num_classes=num_classes, act=activation, **architecture)
   return classifier_lib.make_classifier(
     name, num_classes=num_classes, act=activation, **architecture
   )
 
 
 def classifier_inputs(name: str, ds: data.Dataset) -> dict[str, jax.Array]:
-  """The inputs of classifier ``name`` on the device: the images, or for ``scatter_cnn``
-  their ScatterNet features (fixed filters, computed per example: no privacy cost; kept in
-  the feature cache, :func:`scattering_features`)."""
+  """The inputs of classifier ``name`` on the device: the images, or for ``scatter_cnn`` and
+  ``scatter_vit`` their ScatterNet features (fixed filters, computed per example: no
+  privacy cost; kept in the feature cache, :func:`scattering_features`)."""
   arrays = ds.arrays()
-  if name == "scatter_cnn":
+  if name.startswith("scatter_"):
     arrays = {"image": scattering_features(ds.images), "label": ds.labels}
   return jax.device_put(arrays)
 

@@ -148,7 +148,7 @@ class MLP(nn.Module):
 # (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv:2010.11929). Every
 # parameterised layer has a fast-engine rule: the patch embedding and the attention's
 # DenseGeneral projections the dense rule over the tokens, the positions the Embed rule,
-# LayerNorm its per-layer vjp. Nothing couples examples (no dropout, no BatchNorm).
+# LayerNorm the norm rule. Nothing couples examples (no dropout, no BatchNorm).
 
 
 def patches(x: jax.Array, size: int) -> jax.Array:

@@ -246,3 +246,29 @@ class ScatterCNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = f(nn.Dense(self.hidden)(x))
     return nn.Dense(self.num_classes)(x)
+
+
+class ScatterViT(nn.Module):
+  """A Vision Transformer whose tokens are ScatterNet features: each of the 7x7 positions'
+  81 scattering coefficients (the transform of the image around a 4x4 patch, J = 2) is one
+  token, a fixed and data-independent patch embedding in place of the raw pixels.
+
+  Input: scattering features ``(B, 7, 7, 81)``, normalised per example as
+  :class:`ScatterCNN` normalises them (:func:`group_normalize`, no statistic of the data),
+  then :class:`jaxdp.models.classifier.ViT` with one-position patches (49 tokens).
+  """
+
+  num_classes: int = 10
+  dim: int = 64
+  depth: int = 2
+  heads: int = 4
+  mlp: int = 128
+  act: str = "gelu"
+  groups: int = 27
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    from jaxdp.models.classifier import ViT
+
+    vit = ViT(self.num_classes, 1, self.dim, self.depth, self.heads, self.mlp, self.act)
+    return vit(group_normalize(x, self.groups))
