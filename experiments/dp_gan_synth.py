@@ -118,6 +118,9 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
       return self.gradient_penalty
     return 10.0 if self.loss == "wasserstein" else 0.0
 
+  def derived(self) -> dict[str, Any]:
+    return {"gradient_penalty_resolved": self.penalty}
+
 
 def run(cfg: Config) -> dict[str, Any]:
   """Runs the pipelines of ``cfg``, writes the run folder and returns its metrics."""

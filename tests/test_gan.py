@@ -204,6 +204,14 @@ def test_weight_clipping_keeps_the_critic_in_its_box(tiny):
     optim.clip_weights(0.0)
 
 
+def test_config_json_records_the_gradient_penalty_as_resolved_by_the_loss():
+  config = load_script(SCRIPT).Config
+  assert config().derived() == {"gradient_penalty_resolved": 0.0}  # logistic: no penalty
+  assert config(loss="wasserstein").derived() == {"gradient_penalty_resolved": 10.0}
+  explicit = config(loss="wasserstein", gradient_penalty=2.0).derived()
+  assert explicit == {"gradient_penalty_resolved": 2.0}
+
+
 def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path):
   exp = load_script(SCRIPT)
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
@@ -219,6 +227,7 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path)
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png",
                "plots/generator_loss.png"):  # fmt: skip
     assert (out / name).is_file(), name
+  assert json.loads((out / "config.json").read_text())["gradient_penalty_resolved"] == 0
   (p,) = metrics["pipelines"]
   critic = p["critic"]
   assert critic["steps"] == 2 * round(1 / critic["sampling_prob"]) == 8

@@ -196,7 +196,8 @@ class RunFolder:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       name = cfg.name or f"{stamp}-{tag}" + ("-quick" if cfg.quick else "")
       run = cls.create(cfg.out, name, **kwargs)
-      run.write_config(cfg, noise=cfg.noise_mode)
+      derived = cfg.derived() if hasattr(cfg, "derived") else {}
+      run.write_config(cfg, noise=cfg.noise_mode, **derived)
     if cfg.insecure_reproducible_noise:
       print(
         "WARNING: --insecure-reproducible-noise: the DP noise and batches derive from --seed, "

@@ -81,6 +81,11 @@ class Settings:
       if check is not None:
         check(self)
 
+  def derived(self) -> dict[str, Any]:
+    """Settings the flags leave to a default that depends on other flags, as resolved
+    (``config.json`` records them beside the flags)."""
+    return {}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunSettings(Settings):
