@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_problem, tiny_vae
+from flax import nnx
 
 from jaxdp._cpu_flags import jaxpr_equations
 from jaxdp.clipping import fast, reference
@@ -486,3 +488,103 @@ def test_gram_norm_without_padding_positions(kernel, padding, strides, dilation,
   patches = fast._conv_patches(ci, b).reshape(b, t, -1)  # the materialised definition
   want = jnp.einsum("btd,bsd,btp,bsp->b", patches, patches, g, g)
   np.testing.assert_allclose(fast_norm, want, rtol=1e-4)
+
+
+# -- each rule alone: a model that is one layer, so the example's norm is the layer's -----
+
+_LAYERS = {  # name: (Linen layer, NNX layer, per-example input shape; None: token ids)
+  "dense": (lambda: nn.Dense(6), lambda r: nnx.Linear(4, 6, rngs=r), (5, 4)),
+  "dense_general": (
+    lambda: nn.DenseGeneral((2, 3)),
+    lambda r: nnx.LinearGeneral(4, (2, 3), rngs=r),
+    (5, 4),
+  ),
+  "dense_general_in": (
+    lambda: nn.DenseGeneral(4, axis=(-2, -1)),
+    lambda r: nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=r),
+    (5, 2, 3),
+  ),
+  "conv": (lambda: nn.Conv(3, (3, 3)), lambda r: nnx.Conv(2, 3, (3, 3), rngs=r), (6, 6, 2)),
+  "embed": (lambda: nn.Embed(7, 4), lambda r: nnx.Embed(7, 4, rngs=r), None),
+  "layernorm": (lambda: nn.LayerNorm(), lambda r: nnx.LayerNorm(4, rngs=r), (5, 4)),
+  "rmsnorm": (lambda: nn.RMSNorm(), lambda r: nnx.RMSNorm(4, rngs=r), (5, 4)),
+  "groupnorm": (
+    lambda: nn.GroupNorm(num_groups=2),
+    lambda r: nnx.GroupNorm(4, num_groups=2, rngs=r),
+    (3, 3, 4),
+  ),
+}
+_RULE = {"dense": "dense", "dense_general": "dense", "dense_general_in": "dense", "conv": "conv",
+         "embed": "embed", "layernorm": "norm", "rmsnorm": "norm", "groupnorm": "norm"}  # fmt: skip
+
+
+def _one_layer_problem(name: str, api: str, twice: bool):
+  """(loss_fn, params, batch) of a model that is the layer ``name`` (called twice, on the
+  input and on a transformed copy, if ``twice``), under a fixed nonlinear readout."""
+  linen, make_nnx, shape = _LAYERS[name]
+  k1, k2 = jax.random.split(jax.random.key(3))
+  if shape is None:
+    x = jax.random.randint(k1, (10, 6), 0, 7)
+    other = lambda z: (z * 3 + 1) % 7
+  else:
+    scale = jnp.linspace(0.2, 3.0, 10).reshape(-1, *[1] * len(shape))
+    x = jax.random.normal(k1, (10, *shape)) * scale
+    other = lambda z: jnp.tanh(jnp.flip(z, axis=-2)) + 0.5
+  if api == "linen":
+
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, z):
+        layer = linen()
+        return layer(z) + layer(other(z)) if twice else layer(z)
+
+    model = Model()
+    params = model.init(k2, x[:1])["params"]
+    apply = lambda p, z: model.apply({"params": p}, z)
+  else:
+
+    class NNXModel(nnx.Module):
+      def __init__(self, rngs):
+        self.layer = make_nnx(rngs)
+
+      def __call__(self, z):
+        return self.layer(z) + self.layer(other(z)) if twice else self.layer(z)
+
+    graphdef, params = nnx.split(NNXModel(nnx.Rngs(4)), nnx.Param)
+    # Non-trivial scales and biases (NNX and Linen start them at 1 and 0).
+    params = jax.tree_util.tree_map(
+      lambda p: p + 0.3 * jax.random.normal(jax.random.key(p.size), p.shape), params
+    )
+    apply = lambda p, z: nnx.merge(graphdef, p)(z)
+
+  def loss_fn(p, ex, rng):
+    del rng
+    y = apply(p, ex["x"][None])
+    readout = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    return jnp.sum(jnp.sin(y) * readout)
+
+  return loss_fn, params, {"x": x}
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+@pytest.mark.parametrize("name", list(_LAYERS))
+def test_each_rule_alone_equals_the_reference_per_layer(name, api, twice):
+  """Every supported layer, Linen and NNX, once and shared (called twice): its rule is
+  taken (no vjp, no vmap, no note) and each example's norm of that layer's gradient, its
+  clip factor and the clipped sum equal the reference engine's to 1e-5."""
+  loss_fn, params, batch = _one_layer_problem(name, api, twice)
+  ex = jax.tree_util.tree_map(lambda x: x[0], batch)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plan = fast.discover(loss_fn, params, ex, jax.random.key(0), False)
+  assert plan.summary() == {_RULE[name]: 2 if twice else 1, "vmap_leaves": 0}
+  mask, rngs = np.array([True] * 8 + [False] * 2), jax.random.split(jax.random.key(1), 10)
+  norms = np.asarray(clipped(reference, loss_fn, params, batch, mask, rngs, 1.0).per_example_norms)
+  clip = float(np.median(norms[:8]))  # some examples clipped, some not
+  ref = clipped(reference, loss_fn, params, batch, mask, rngs, clip)
+  got = clipped(fast, loss_fn, params, batch, mask, rngs, clip)
+  assert np.all(norms[:8] > 0) and np.all(norms[8:] == 0)
+  np.testing.assert_allclose(got.per_example_norms, norms, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.clip_factors, ref.clip_factors, rtol=1e-5, atol=1e-6)
+  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5 * clip)
