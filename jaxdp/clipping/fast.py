@@ -148,6 +148,18 @@ def _busy() -> bool:
   return getattr(_STATE, "busy", False)
 
 
+@contextlib.contextmanager
+def _unrecorded() -> Iterator[None]:
+  """Layer calls the engine makes itself (a layer recomputed from other parameters) pass
+  through its interceptors unrecorded while the block runs."""
+  busy = _busy()
+  _STATE.busy = True
+  try:
+    yield
+  finally:
+    _STATE.busy = busy
+
+
 def _own_params(module: nn.Module) -> Mapping[str, Any] | None:
   """The module's parameters if it is a leaf layer holding only parameters, else None."""
   try:
@@ -443,11 +455,8 @@ def _leaked_leaves(loss_fn, treedef, leaves_abs, example, rng, has_aux, calls, c
       if call is None:
         return next_fun(*args, **kwargs)
       frozen = {n: jax.lax.stop_gradient(own[n]) for n in names}
-      _STATE.busy = True
-      try:
+      with _unrecorded():
         return call.module.apply({"params": frozen}, args[0])
-      finally:
-        _STATE.busy = False
 
     with _intercepted(interceptor):
       loss, _ = split_loss(
@@ -712,8 +721,8 @@ def _layer_sq_norm(
   A layer called more than once (weight sharing) has the gradient ``sum_calls sum_t a_t^T
   g_t``: the calls' positions (rows, or patches) are one sequence, and the rules apply to it
   as to one call; only the Gram norm, which reads one input's Gram matrix, is left out."""
-  if len(a_list) > 1:
-    return _shared_sq_norm(call, a_list, g_list)
+  if call.rule == "dense" or len(a_list) > 1:
+    return _rows_sq_norm(call, a_list, g_list)
   a, g = a_list[0], g_list[0]
   b = g.shape[0]
   # Norms and sums in float32 (exact upcasts) whatever the layer's dtype; the Gram norm's
@@ -723,11 +732,6 @@ def _layer_sq_norm(
   a, g = a.astype(accumulation_dtype(a.dtype)), g.astype(accumulation_dtype(g.dtype))
   g_rows = g.reshape(b, -1, int(np.prod(g.shape[g.ndim - call.out_axes :])))
   t, p = g_rows.shape[1:]
-  if call.rule == "dense":
-    a_rows = a.reshape(b, -1, 1, int(np.prod(a.shape[a.ndim - call.in_axes :])))
-    how = _dense_rule(b, t, a_rows.shape[-1], p)
-    sq, per_ex = _sq_norm_outer(a_rows, g_rows, how)
-    return sq, _Kept(how, a_rows, g_rows, per_ex, None)
   ci = _conv_input(call, a)
   positions = int(np.prod(ci.x.shape[:-1])) // b
   k, c = int(np.prod(ci.taps)), ci.x.shape[-1]
@@ -742,11 +746,12 @@ def _layer_sq_norm(
   return sq, _Kept(how, None if how == "materialize" else a_rows, g_rows, per_ex, ci.perm)
 
 
-def _shared_sq_norm(
+def _rows_sq_norm(
   call: _Call, a_list: list[jax.Array], g_list: list[jax.Array]
 ) -> tuple[jax.Array, _Kept]:
-  """:func:`_layer_sq_norm` of a layer called more than once: every call's rows (or
-  patches) and output gradients concatenated along the positions."""
+  """:func:`_layer_sq_norm` from rows: a dense layer's inputs, or a conv's patches (a conv
+  called more than once), and the output gradients, of every call concatenated along the
+  positions (one call: its own)."""
   b = g_list[0].shape[0]
   a_parts, g_parts, perm = [], [], None
   for a, g in zip(a_list, g_list, strict=True):
@@ -822,12 +827,8 @@ def _normalized(call: _Call, own: Mapping[str, jax.Array], x: jax.Array) -> jax.
   and bias 0 (its output is ``n(x) * scale + bias``; the statistics are the ones its own
   call computes, which XLA shares with it). Recorded in place of the input."""
   unit = {n: (jnp.ones_like if n == "scale" else jnp.zeros_like)(v) for n, v in own.items()}
-  busy = _busy()
-  _STATE.busy = True
-  try:
+  with _unrecorded():
     return call.module.apply({"params": unit}, x)
-  finally:
-    _STATE.busy = busy
 
 
 def _norm_grads(call: _Call, n: jax.Array, g: jax.Array, shapes: Mapping[str, tuple]) -> dict:
@@ -1088,21 +1089,19 @@ def _clip_and_sum(
       sq_norms = sq_norms + _embed_sq_norm(tokens, g_rows)
     else:
       own = {n: leaves[i] for n, i in zip(c.names, c.leaf_ids, strict=True)}
-      for j in ks:
-        if c.rule == "norm":
-          shapes = {n: np.shape(x) for n, x in own.items()}
-          per_ex = _norm_grads(calls[j], inputs[j], out_grads[j], shapes)
-        else:
+      if c.rule == "norm":
+        shapes = {n: np.shape(x) for n, x in own.items()}
+        grads = lambda j, shapes=shapes: _norm_grads(calls[j], inputs[j], out_grads[j], shapes)
+      else:
 
-          def one(a_i, g_i, module=c.module, own=own):
-            _, vjp = jax.vjp(lambda p: module.apply({"params": p}, a_i), own)
-            return vjp(g_i)[0]
+        def one(a_i, g_i, module=c.module, own=own):
+          _, vjp = jax.vjp(lambda p: module.apply({"params": p}, a_i), own)
+          return vjp(g_i)[0]
 
-          per_ex = jax.vmap(one)(inputs[j], out_grads[j])
-        acc = vjp_grads.get(c.leaf_ids)
-        vjp_grads[c.leaf_ids] = (
-          per_ex if acc is None else jax.tree_util.tree_map(jnp.add, acc, per_ex)
-        )
+        grads = lambda j, one=one: jax.vmap(one)(inputs[j], out_grads[j])
+      # A shared layer's per-example gradient is the sum over its calls.
+      per_call = [grads(j) for j in ks]
+      vjp_grads[c.leaf_ids] = jax.tree_util.tree_map(lambda *xs: sum(xs[1:], xs[0]), *per_call)
   row_sq = lambda x: jnp.sum(jnp.square(x.astype(accumulation_dtype(x.dtype))).reshape(b, -1), 1)
   for per_ex in vjp_grads.values():
     sq_norms = sq_norms + sum(row_sq(x) for x in jax.tree_util.tree_leaves(per_ex))
