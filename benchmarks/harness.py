@@ -57,6 +57,7 @@ QUICK_IMPLS = {
   "mlp": ("jaxdp_nonprivate",),
   "vae": ("jaxdp_private", "opacus_ghost"),
   "vit": ("jaxdp_private", "opacus_hooks"),
+  "critic": ("jaxdp_private", "opacus_hooks"),
 }
 
 

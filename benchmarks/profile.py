@@ -36,7 +36,7 @@ from benchmarks.workers.jax_setup import setup
 from jaxdp import DPConfig, init_state, make_step
 from jaxdp.clipping import fast
 
-MODELS = ("tf_cnn", "scatter_cnn", "mlp", "vae", "vit", "dp_cnn")
+MODELS = ("tf_cnn", "scatter_cnn", "mlp", "vae", "vit", "critic", "dp_cnn")
 
 
 def median_ms(fn: Callable[..., Any], *args: Any, rounds: int) -> float:
@@ -66,7 +66,7 @@ def build_steps(s: Any, batch: int) -> dict[str, tuple[Any, Any]]:
 def layer_times(s: Any, batch: int, rounds: int) -> list[tuple[str, str, float, float, float]]:
   """``(layer, rule, forward, input grad, param grad)`` ms of each recorded layer call alone,
   on random inputs of the shape it sees in the model, at ``batch`` rows."""
-  example = {"image": s.data["image"][0], "label": s.data["label"][0]}
+  example = {k: v[0] for k, v in s.data.items()}
   plan = fast.discover(s.per_example_loss, s.params, example, jax.random.key(0), True)
   leaves = jax.tree_util.tree_leaves(s.params)
   rows = []

@@ -235,11 +235,25 @@ def _tap_matmul_pays(
   )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _tap_matmul_conv(
   x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], ...], precision: Any
 ) -> jax.Array:
   """Stride-1 conv of ``x`` (N, *S, C_in) with ``w`` (*k, C_in, C_out), explicit ``pads``, as
-  ``Z = x . W`` for all taps at once (N, *S, taps, C_out), then :func:`_shifted_sum`."""
+  ``Z = x . W`` for all taps at once (N, *S, taps, C_out), then :func:`_shifted_sum`.
+
+  Its kernel gradient ``dW[u] = sum_o x_pad[o + u]^T dy[o]`` is taken from whichever of the
+  two per-position arrays is smaller: the cotangent of ``Z`` (taps * C_out per position, what
+  autodiff of the two steps builds) or the input's patches (taps * C_in), one 2-D matmul with
+  the output cotangent. The GAN critic's first conv (space-to-depth: 2x2 taps, 4 -> 16
+  channels; 4x fewer entries): its weight gradient alone at 512 images 11.7 -> see
+  benchmarks/README.md."""
+  return _tap_matmul_forward(x, w, pads, precision)
+
+
+def _tap_matmul_forward(
+  x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], ...], precision: Any
+) -> jax.Array:
   n = x.ndim - 2
   kshape = tuple(int(k) for k in w.shape[:n])
   taps = math.prod(kshape)
@@ -247,6 +261,35 @@ def _tap_matmul_conv(
   per_tap = jnp.moveaxis(w.reshape(taps, c_in, c_out), 0, 1)  # (C_in, taps, C_out)
   z = jnp.einsum("...c,cto->...to", x, per_tap, precision=precision)
   return _shifted_sum(z, kshape, pads)
+
+
+def _tap_matmul_fwd(x, w, pads, precision):
+  return _tap_matmul_forward(x, w, pads, precision), (x, w)
+
+
+def _tap_matmul_bwd(pads, precision, res, dy):
+  x, w = res
+  n = x.ndim - 2
+  dx = jax.vjp(lambda x_: _tap_matmul_forward(x_, w, pads, precision), x)[1](dy)[0]
+  c_in, c_out = w.shape[-2:]
+  if c_in >= c_out:
+    dw = jax.vjp(lambda w_: _tap_matmul_forward(x, w_, pads, precision), w)[1](dy)[0]
+    return dx, dw
+  kshape = tuple(int(k) for k in w.shape[:n])
+  out = dy.shape[1 : 1 + n]
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+
+  def window(offsets: tuple[int, ...]) -> jax.Array:
+    sl = tuple(slice(u, u + o) for u, o in zip(offsets, out, strict=True))
+    return xp[(slice(None), *sl, slice(None))]
+
+  patches = stack_taps(window, kshape, axis=1 + n)  # (N, *out, *k, C_in)
+  rows = patches.reshape(-1, math.prod(kshape) * c_in)
+  dw = jnp.matmul(rows.T, dy.reshape(-1, c_out), precision=precision)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+_tap_matmul_conv.defvjp(_tap_matmul_fwd, _tap_matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

@@ -83,6 +83,9 @@ TAP_CASES = [
   ((2, 9, 7, 3), (3, 2, 3, 5), (1, 1), ((1, 2), (0, 1))),
   ((2, 1, 1, 4), (3, 3, 4, 4), (1, 1), "SAME"),  # every tap but the centre reads padding
   ((2, 12, 12, 2), (4, 4, 2, 3), (2, 2), "SAME"),  # after space-to-depth: 2x2 taps, 3 outputs
+  # The GAN critic's first conv: after space-to-depth 2x2 taps, 4 -> 16 channels, so its
+  # kernel gradient comes from the input's patches (C_in < C_out; so do the 2nd, 5th, 6th).
+  ((2, 28, 28, 1), (4, 4, 1, 16), (2, 2), "SAME"),
   ((2, 9, 3), (3, 3, 4), (1,), "SAME"),  # 1-D
   ((2, 5, 5, 5, 2), (2, 2, 2, 2, 3), (1, 1, 1), "SAME"),  # 3-D
 ]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-MODELS = ("tf_cnn", "dp_cnn", "scatter_cnn", "mlp", "vae", "vit")
+MODELS = ("tf_cnn", "dp_cnn", "scatter_cnn", "mlp", "vae", "vit", "critic")
 JAX_IMPLS = ("jaxdp_private", "jaxdp_reference", "jaxdp_nonprivate", "optax_dp", "jax_privacy")
 OPACUS_IMPLS = ("opacus_hooks", "opacus_functorch", "opacus_ew", "opacus_ghost")
 TORCH_IMPLS = (*OPACUS_IMPLS, "torch_nonprivate", "loop")
@@ -31,6 +31,9 @@ IMAGE_SHAPE = (28, 28, 1)
 # classifier experiment does): scattering(J=2, L=8) of a 28x28 image is 7x7 with 81 channels.
 SCATTER_SHAPE = (7, 7, 81)
 VAE_LATENT = 16  # ConditionalVAE().latent_dim
+# The GAN critic of experiments/dp_gan_synth.py at its defaults: ImageCritic(width 16,
+# leaky ReLU, a Dense layer of 128), the logistic (original GAN) pair loss.
+CRITIC_WIDTH, CRITIC_HIDDEN = 16, 128
 NUM_CLASSES = 10
 NUM_BATCHES = 4  # distinct index batches, cycled; the data set holds NUM_BATCHES * batch rows
 RESULT_PREFIX = "BENCH_RESULT "
@@ -159,19 +162,31 @@ def input_shape(model_name: str) -> tuple[int, int, int]:
 def synthetic_data(batch: int, model_name: str = "tf_cnn", seed: int = 0):
   """Float32 inputs of the model's shape (NHWC), int32 labels, ``NUM_BATCHES`` index batches.
 
-  The VAE's inputs are pixel intensities in (0, 1) (its decoder is Bernoulli), the others'
-  standard normal.
+  The VAE's and the critic's inputs are pixel intensities in (0, 1) (the VAE's decoder is
+  Bernoulli, the GAN's images are sigmoid outputs), the others' standard normal.
   """
   import numpy as np
 
   rng = np.random.default_rng(seed)
   n = NUM_BATCHES * batch
   images = rng.standard_normal((n, *input_shape(model_name)), dtype=np.float32)
-  if model_name == "vae":
+  if model_name in ("vae", "critic"):
     images = 1.0 / (1.0 + np.exp(-images))
   labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
   index_batches = rng.permutation(n).astype(np.int32).reshape(NUM_BATCHES, batch)
   return images, labels, index_batches
+
+
+def critic_fakes(batch: int, seed: int = 1):
+  """The generated half of the critic's pairs: one float32 image in (0, 1) and one int32
+  label per row of :func:`synthetic_data` (in the GAN experiment the generator draws them
+  before each critic step; the benchmark times the critic's DP step on given fakes)."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  n = NUM_BATCHES * batch
+  fakes = 1.0 / (1.0 + np.exp(-rng.standard_normal((n, *IMAGE_SHAPE), dtype=np.float32)))
+  return fakes.astype(np.float32), rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
 
 
 def first_line(e: BaseException) -> str:

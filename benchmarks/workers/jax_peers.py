@@ -22,10 +22,11 @@ def optax_dp(s: JaxSetup) -> tuple[Any, Any, Any]:
   )
   keyed = s.keyed
 
-  def one_grad(p, x, y, *key):
-    return jax.grad(s.batch_loss)(p, x[None], y[None], *key)
+  def one_grad(p, *rows):  # the example's columns, then its key if keyed
+    cols = [r[None] for r in rows[: len(rows) - keyed]]
+    return jax.grad(s.batch_loss)(p, *cols, *rows[len(rows) - keyed :])
 
-  per_example_grads = jax.vmap(one_grad, in_axes=(None, 0, 0) + (0,) * keyed)
+  per_example_grads = jax.vmap(one_grad, in_axes=(None,) + (0,) * (len(s.columns) + keyed))
 
   @jax.jit
   def fn(st, d, i, m):
@@ -55,12 +56,13 @@ def jax_privacy(s: JaxSetup) -> tuple[Any, Any, Any]:
   # Sum of clipped per-example gradients divided by the public batch size; its sensitivity
   # (clip / batch) scales the Gaussian privatizer's noise.
   # For the VAE JAX-Privacy splits the key into one per example (prng_argnum).
+  n = len(s.columns)
   grad_fn = jp.clipped_grad(
     s.batch_loss,
     l2_clip_norm=L2_NORM_CLIP,
-    batch_argnums=(1, 2),
+    batch_argnums=tuple(range(1, 1 + n)),
     normalize_by=s.batch,
-    prng_argnum=3 if keyed else None,
+    prng_argnum=1 + n if keyed else None,
   )
   privatizer = noise_addition.gaussian_privatizer(
     stddev=grad_fn.sensitivity() * NOISE_MULTIPLIER, prng_key=jax.random.key(1)

@@ -8,11 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.workers.common import (
+  CRITIC_HIDDEN,
+  CRITIC_WIDTH,
   NUM_BATCHES,
   JaxDeviceProbe,
   RssProbe,
   Runner,
   UnavailableError,
+  critic_fakes,
   input_shape,
   synthetic_data,
 )
@@ -45,12 +48,16 @@ def init_params(model: Any, shape: tuple[int, ...]) -> Any:
 
 def jax_model(name: str) -> tuple[Any, Any]:
   """The Flax model called ``name`` and its per-example loss ``loss_fn(params, ex, rng)``
-  (returning ``(loss, aux)``). ``vae`` is the VAE of ``experiments/dp_vae_synth.py`` and
-  ``scatter_cnn`` the classifier of ``experiments/dp_classifier.py``, with their default
-  settings."""
-  from jaxdp.models import ConditionalVAE, classifier_loss, make_classifier, vae_loss
+  (returning ``(loss, aux)``). ``vae`` is the VAE of ``experiments/dp_vae_synth.py``,
+  ``scatter_cnn`` the classifier of ``experiments/dp_classifier.py`` and ``critic`` the GAN
+  critic of ``experiments/dp_gan_synth.py`` with its pair loss (one example: a real image
+  and label, a generated image and label), with their default settings."""
+  from jaxdp.models import ConditionalVAE, classifier_loss, gan, make_classifier, vae_loss
   from jaxdp.models.scatternet import ScatterCNN
 
+  if name == "critic":
+    critic = gan.ImageCritic(width=CRITIC_WIDTH, activation="leaky_relu", hidden=CRITIC_HIDDEN)
+    return critic, gan.critic_loss(critic, loss="logistic")
   if name == "vae":
     model = ConditionalVAE()
     return model, vae_loss(model)
@@ -62,9 +69,10 @@ def jax_model(name: str) -> tuple[Any, Any]:
 class JaxSetup:
   """One JAX configuration before its step is built.
 
-  ``batch_loss(p, x, y[, key])`` is the peers' loss of a batch of one (``(1, ...)`` arrays;
-  the VAE's also takes that example's key for its noise, the classifiers' none), ``gather``
-  takes an index batch's examples from the data on the device.
+  ``batch_loss(p, *columns[, key])`` is the peers' loss of a batch of one (a ``(1, ...)``
+  array per column: image and label, and for the critic also the generated image and its
+  label; the VAE's also takes that example's key for its noise, the others' none),
+  ``gather`` takes an index batch's columns from the data on the device.
   """
 
   model_name: str
@@ -81,11 +89,15 @@ class JaxSetup:
   params: Any
   info: dict[str, Any]
 
-  @staticmethod
-  def gather(d: dict[str, Any], i: Any) -> tuple[Any, Any]:
+  @property
+  def columns(self) -> tuple[str, ...]:
+    """The data's columns in ``batch_loss``'s argument order."""
+    return tuple(self.data)
+
+  def gather(self, d: dict[str, Any], i: Any) -> tuple[Any, ...]:
     import jax.numpy as jnp
 
-    return jnp.take(d["image"], i, axis=0), jnp.take(d["label"], i, axis=0)
+    return tuple(jnp.take(d[c], i, axis=0) for c in self.columns)
 
 
 def setup(model_name: str, batch: int, device: str) -> JaxSetup:
@@ -102,8 +114,16 @@ def setup(model_name: str, batch: int, device: str) -> JaxSetup:
   dev = _jax_device(device)
   model, per_example_loss = jax_model(model_name)
   images, labels, index_batches = synthetic_data(batch, model_name)
+  columns = {"image": images, "label": labels}
   keyed = model_name == "vae"
-  if keyed:
+  if model_name == "critic":
+    columns["fake"], columns["fake_label"] = critic_fakes(batch)
+
+    def batch_loss(p, x, y, fx, fy):
+      ex = {"image": x[0], "label": y[0], "fake": fx[0], "fake_label": fy[0]}
+      return per_example_loss(p, ex, None)[0]  # no gradient penalty: no key used
+
+  elif keyed:
 
     def batch_loss(p, x, y, key):
       return per_example_loss(p, {"image": x[0], "label": y[0]}, key)[0]
@@ -123,7 +143,7 @@ def setup(model_name: str, batch: int, device: str) -> JaxSetup:
     per_example_loss=per_example_loss,
     batch_loss=batch_loss,
     keyed=keyed,
-    data={"image": jax.device_put(images, dev), "label": jax.device_put(labels, dev)},
+    data={k: jax.device_put(v, dev) for k, v in columns.items()},
     indices=[jax.device_put(i, dev) for i in index_batches],
     mask=jax.device_put(jnp.ones((batch,), bool), dev),
     params=init_params(model, input_shape(model_name)),

@@ -52,6 +52,14 @@ def _copy_weights(pairs: list[tuple[Any, dict[str, Any]]], flat_chw: tuple[int, 
 
 
 def _check_classifier(name: str) -> dict[str, Any]:
+  params, flax_out, tmodel, torch_out, _ = _copied_classifier(name)
+  return _compare(params, tmodel, {"logits": (flax_out, torch_out)})
+
+
+def _copied_classifier(name: str) -> tuple[Any, Any, Any, Any, Any]:
+  """``(params, flax logits, torch model, torch logits, images)`` of a classifier-shaped
+  model (convs, dense layers, a GroupNorm) whose perturbed Flax weights are copied into its
+  PyTorch twin (the twin's ``net`` where it wraps one, as the critic's does)."""
   import jax
   import numpy as np
   import torch
@@ -62,14 +70,15 @@ def _check_classifier(name: str) -> dict[str, Any]:
   images = np.random.default_rng(0).standard_normal((4, *input_shape(name)), dtype=np.float32)
   flax_out = np.asarray(jax.jit(model.apply)({"params": params}, images))
   tmodel = torch_model(name)
+  net = getattr(tmodel, "net", tmodel)
   flat_shape: list[tuple[int, ...]] = []
-  flatten = next(m for m in tmodel.modules() if isinstance(m, nn.Flatten))
+  flatten = next(m for m in net.modules() if isinstance(m, nn.Flatten))
   flatten.register_forward_hook(lambda m, i, o, shapes=flat_shape: shapes.append(i[0].shape))
   timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   with torch.no_grad():
-    tmodel(timages)  # records the (N, C, H, W) shape that is flattened
+    net(timages)  # records the (N, C, H, W) shape that is flattened
   kinds = (nn.Conv2d, nn.Linear, nn.GroupNorm)
-  layers = [m for m in tmodel.modules() if isinstance(m, kinds) and m.weight is not None]
+  layers = [m for m in net.modules() if isinstance(m, kinds) and m.weight is not None]
   # Flax names count per kind; PyTorch's order is GroupNorm, convs, then dense layers (the
   # ScatterCNN's GroupNorm is a parameter-free normalisation and an Affine in Flax).
   keys = [
@@ -82,8 +91,33 @@ def _check_classifier(name: str) -> dict[str, Any]:
   flat = tuple(flat_shape[0][1:]) if len(flat_shape[0]) == 4 else None
   _copy_weights([(layer, params[k]) for layer, k in zip(layers, keys, strict=True)], flat)
   with torch.no_grad():
-    torch_out = tmodel(timages).numpy()
-  return _compare(params, tmodel, {"logits": (flax_out, torch_out)})
+    torch_out = net(timages).numpy()
+  return params, flax_out, tmodel, torch_out, images
+
+
+def _check_critic() -> dict[str, Any]:
+  """The critic's scores, and its pair loss on pairs of the same images (real: the first
+  two, generated: the last two)."""
+  import jax
+  import numpy as np
+  import torch
+
+  from benchmarks.workers.torch_setup import _torch_pair_logistic
+
+  params, flax_out, tmodel, torch_out, images = _copied_classifier("critic")
+  _, loss = jax_model("critic")
+  labels, fake_labels = np.array([3, 7]), np.array([1, 9])
+  pairs = {"image": images[:2], "label": labels, "fake": images[2:], "fake_label": fake_labels}
+  per_pair = jax.vmap(lambda ex: loss(params, ex, None)[0])(pairs)
+  timages = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  target = torch.from_numpy(np.stack([labels, fake_labels], 1)).long()
+  with torch.no_grad():
+    torch_loss = _torch_pair_logistic()(tmodel(timages[:2], timages[2:]), target).numpy()
+  return _compare(
+    params,
+    tmodel,
+    {"logits": (flax_out, torch_out), "pair_loss": (np.mean(per_pair), torch_loss)},
+  )
 
 
 def _check_vae() -> dict[str, Any]:
@@ -176,5 +210,5 @@ def _compare(params: Any, tmodel: Any, outputs: dict[str, tuple[Any, Any]]) -> d
 def check_models() -> dict[str, Any]:
   """Copies each Flax model's (perturbed) weights into its PyTorch twin and compares their
   outputs (the VAE's at the same reparameterisation noise): max |difference| per model."""
-  special = {"vae": _check_vae, "vit": _check_vit}
+  special = {"vae": _check_vae, "vit": _check_vit, "critic": _check_critic}
   return {name: special.get(name, functools.partial(_check_classifier, name))() for name in MODELS}

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.workers.common import (
+  CRITIC_HIDDEN,
+  CRITIC_WIDTH,
   IMAGE_SHAPE,
   LEARNING_RATE,
   MODELS,
@@ -19,6 +21,7 @@ from benchmarks.workers.common import (
   Runner,
   TorchCudaProbe,
   UnavailableError,
+  critic_fakes,
   synthetic_data,
 )
 
@@ -72,6 +75,8 @@ def torch_model(name: str):
     )
   if name == "vit":
     return _torch_vit()
+  if name == "critic":
+    return _torch_critic()
   if name == "mlp":
     return nn.Sequential(
       nn.Flatten(),
@@ -131,6 +136,60 @@ def _torch_vit():
       return self.head(self.norm(h.mean(dim=1)))
 
   return TorchViT()
+
+
+def _torch_critic():
+  """The PyTorch twin of the benchmark's ``ImageCritic`` (jaxdp.models.gan; width 16, leaky
+  ReLU 0.2, Dense 128): ``forward(real, fake)`` scores the pair's two images in one call, as
+  the Flax loss does, real rows first. TF 'SAME' for a 4x4 stride-2 conv on 28x28 and on
+  14x14 pads 1 on each side."""
+  import torch
+  from torch import nn
+
+  w, act = CRITIC_WIDTH, lambda: nn.LeakyReLU(0.2)
+
+  class TorchCritic(nn.Module):
+    def __init__(self) -> None:
+      super().__init__()
+      self.net = nn.Sequential(
+        nn.Conv2d(IMAGE_SHAPE[-1], w, 4, stride=2, padding=1),
+        act(),
+        nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),
+        act(),
+        nn.Flatten(),
+        nn.Linear(2 * w * 7 * 7, CRITIC_HIDDEN),
+        act(),
+        nn.Linear(CRITIC_HIDDEN, NUM_CLASSES),
+      )
+
+    def forward(self, real, fake):
+      return self.net(torch.cat([real, fake]))
+
+  return TorchCritic()
+
+
+def _torch_pair_logistic():
+  """The critic's logistic pair loss as a criterion ``(scores of the 2B rows, (B, 2) labels
+  of the real and the generated image)``: ``softplus(-D(x, y)) + softplus(D(fake, y~))``
+  per pair. ``reduction="none"`` (Opacus' ghost clipping) returns one term per ROW, real rows
+  then generated ones, as Opacus' per-sample gradients are per row of the layers' batch:
+  Opacus clips the real and the generated image of a pair separately (the twice-charged
+  mechanism of opacus #418), jaxdp and the loop clip the pair's gradient."""
+  import torch
+  from torch import nn
+  from torch.nn import functional
+
+  class PairLogistic(nn.Module):
+    reduction = "mean"
+
+    def forward(self, scores, target):
+      b = target.shape[0]
+      d_real = scores[:b].gather(1, target[:, :1]).squeeze(1)
+      d_fake = scores[b:].gather(1, target[:, 1:]).squeeze(1)
+      rows = torch.cat([functional.softplus(-d_real), functional.softplus(d_fake)])
+      return rows if self.reduction == "none" else rows.sum() / b
+
+  return PairLogistic()
 
 
 def _torch_vae():
@@ -247,7 +306,17 @@ def setup(model_name: str, batch: int, device: str) -> TorchSetup:
   model = torch_model(model_name).to(dev)
   optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
   criterion: Any
-  if model_name == "vae":
+  if model_name == "critic":
+    criterion = _torch_pair_logistic()
+    fakes, fake_labels = critic_fakes(batch)
+    fake = torch.from_numpy(fakes).permute(0, 3, 1, 2).contiguous().to(dev)
+    pairs = torch.stack([y, torch.from_numpy(fake_labels).long().to(dev)], dim=1)
+    y = pairs  # the loader of Opacus' make_private reads only its length
+
+    def batch_of(i):
+      return (x[i], fake[i]), pairs[i]
+
+  elif model_name == "vae":
     criterion = _torch_neg_elbo()
     y_onehot = nn.functional.one_hot(y, NUM_CLASSES).float()
 
