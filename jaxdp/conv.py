@@ -246,8 +246,8 @@ def _tap_matmul_conv(
   two per-position arrays is smaller: the cotangent of ``Z`` (taps * C_out per position, what
   autodiff of the two steps builds) or the input's patches (taps * C_in), one 2-D matmul with
   the output cotangent. The GAN critic's first conv (space-to-depth: 2x2 taps, 4 -> 16
-  channels; 4x fewer entries): its weight gradient alone at 512 images 11.7 -> see
-  benchmarks/README.md."""
+  channels; 4x fewer entries): its weight gradient alone at 512 images 11.7 -> 2.0 ms, the
+  critic's non-private step at batch 256 1.30x faster (`python -m benchmarks.profile`)."""
   return _tap_matmul_forward(x, w, pads, precision)
 
 
