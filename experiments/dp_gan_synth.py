@@ -6,6 +6,7 @@ synthetic MNIST to train on.
     python experiments/dp_gan_synth.py --epsilons 0.8,3,8       # one grid per epsilon
     python experiments/dp_gan_synth.py --loss wasserstein       # WGAN-GP
     python experiments/dp_gan_synth.py --loss wasserstein --gradient-penalty 0 --weight-clip 0.01
+    python experiments/dp_gan_synth.py --public-pretrain-epochs 200  # start from the public split
 
 For each privacy level: (1) class proportions (balanced, or ``--dp-label-counts``); (2) the
 critic (:class:`jaxdp.models.gan.ImageCritic`) trained through the one jaxdp step on the
@@ -14,7 +15,9 @@ per-example loss that pairs each private example with one generated example
 accounted Poisson-sampled Gaussian mechanism, and after every ``--critic-steps`` of them the
 generator takes one step through the DP critic (post-processing, no privacy cost); (3) the
 released generator's labelled synthetic set, train on synthetic / test on real, and
-feature-network FID / IS, as for the DP-VAE.
+feature-network FID / IS, as for the DP-VAE. With ``--public-pretrain-epochs`` the critic
+and the generator first train without noise on the PUBLIC partition (never a private row;
+no privacy cost), and every private pipeline starts from them.
 
 References:
   Arjovsky, Chintala, Bottou, "Wasserstein GAN", ICML 2017. arXiv:1701.07875
@@ -102,6 +105,10 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   )
   critic_activation: str = option("leaky_relu", "critic activation",
                                   choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
+  public_pretrain_epochs: int = option(
+    0, "epochs of the critic and the generator on the PUBLIC partition before the private "
+    "ones (0: off; no privacy cost)", check="non_negative_int",
+  )  # fmt: skip
 
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
@@ -110,6 +117,8 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
       raise ValueError(f"--mode-seeking must be >= 0, got {self.mode_seeking}")
     if self.gradient_penalty is not None and self.gradient_penalty < 0:
       raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
+    if self.public_pretrain_epochs and self.public_size < 1:
+      raise ValueError("--public-pretrain-epochs needs a public partition (--public-size >= 1)")
 
   @property
   def penalty(self) -> float:
@@ -149,17 +158,31 @@ def run(cfg: Config) -> dict[str, Any]:
   name += "-GP" if cfg.penalty > 0 else ""
   release = tasks.SyntheticRelease(out, splits, name, cfg.images_per_class)
   loss = gan.critic_loss(critic, gradient_penalty=cfg.penalty, loss=cfg.loss)
+  start_c, start_g = init_c(), init_g()
+  if cfg.public_pretrain_epochs:  # public only: one starting point for every pipeline
+    public = jax.device_put(splits.public.arrays())
+    pre = tasks.GeneratorTrainer(
+      generator, critic, start_g, gan.generator_optimizer(cfg.generator_lr),
+      batch_size=min(tasks.PRETRAIN_BATCH_SIZE, len(splits.public)), every=cfg.critic_steps,
+      key=keys.key("public pretraining/fakes"), loss=cfg.loss, mode_seeking=cfg.mode_seeking,
+    )  # fmt: skip
+    start_c = tasks.pretrain_on_public(
+      name, loss, start_c, public, training, epochs=cfg.public_pretrain_epochs, keys=keys,
+      run=out, aux_name="wasserstein", progress=cfg.progress, side_inputs=pre.side_inputs,
+      after_step=pre.after_step, evaluate=pre.epoch_loss,
+    )  # fmt: skip
+    start_g = pre.params
 
   for job in jobs:
     ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
     noise = tasks.critic_noise(noise, cfg.penalty)
     trainer = tasks.GeneratorTrainer(
-      generator, critic, init_g(), gan.generator_optimizer(cfg.generator_lr, cfg.generator_ema),
+      generator, critic, start_g, gan.generator_optimizer(cfg.generator_lr, cfg.generator_ema),
       batch_size=cfg.batch_size, every=cfg.critic_steps, key=keys.key(f"{job.label}/fakes"),
       loss=cfg.loss, mode_seeking=cfg.mode_seeking,
     )  # fmt: skip
     trained = tasks.fit(
-      job.label, loss, init_c(), jax.device_put(private.arrays()), training, noise=noise,
+      job.label, loss, start_c, jax.device_put(private.arrays()), training, noise=noise,
       keys=keys, run=out, evaluate=trainer.epoch_loss, has_aux=True, aux_name="wasserstein",
       progress=cfg.progress, side_inputs=trainer.side_inputs, after_step=trainer.after_step,
     )  # fmt: skip

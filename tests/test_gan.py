@@ -17,7 +17,7 @@ from test_dp_classifier import load_script
 
 from jaxdp import accounting, optim
 from jaxdp.clipping import fast
-from jaxdp.experiment import tasks
+from jaxdp.experiment import splits, tasks
 from jaxdp.models import gan
 from jaxdp.step import DPConfig, init_state, make_step
 
@@ -212,15 +212,22 @@ def test_config_json_records_the_gradient_penalty_as_resolved_by_the_loss():
   assert explicit == {"gradient_penalty_resolved": 2.0}
 
 
-def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path):
+def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path, monkeypatch):
   exp = load_script(SCRIPT)
+  seen, fit = {}, tasks.fit
+
+  def spy(label, loss_fn, params, train_data, *a, **k):
+    seen[label] = np.asarray(train_data["image"])
+    return fit(label, loss_fn, params, train_data, *a, **k)
+
+  monkeypatch.setattr(tasks, "fit", spy)
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
   flags += ["--generator-width", "8", "--critic-width", "4", "--latent-dim", "8"]
   flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--gradient-penalty", "0"]
   flags += ["--weight-clip", "0.05", "--generator-ema", "0.9", "--critic-hidden", "0"]
-  flags += ["--mode-seeking", "1"]
+  flags += ["--mode-seeking", "1", "--public-pretrain-epochs", "1"]
   flags += ["--out", str(tmp_path), "--name", "g"]
   metrics = exp.main(flags)
   out = tmp_path / "g"
@@ -245,3 +252,9 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path)
   assert all(np.isfinite(r["generator_loss"]) for r in critic_rows)
   assert not any(k.startswith("train_") for r in rows for k in r)
   assert (out / p["synthetic_npz"]).is_file() and (out / p["generator_checkpoint"]).is_file()
+  # The public pretraining (critic and generator, no noise) saw exactly the public partition,
+  # and cost nothing: the ledger above holds the critic's private steps alone.
+  public = splits.load_splits("synthetic", validation_size=300, public_size=300, train_size=800)
+  np.testing.assert_array_equal(seen["GAN public pretraining"], public.public.images)
+  assert [label for label in seen if "public" in label] == ["GAN public pretraining"]
+  np.testing.assert_array_equal(seen[p["label"]], public.private.images)

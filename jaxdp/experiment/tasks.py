@@ -376,6 +376,9 @@ def pretrain_on_public(
   run: RunFolder | None,
   aux_name: str,
   progress: bool = True,
+  side_inputs: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+  after_step: Callable[[int, Any], None] | None = None,
+  evaluate: Callable[[PyTree], Mapping[str, float]] | None = None,
 ) -> PyTree:
   """A generator's starting point trained WITHOUT noise on the PUBLIC partition only
   (``public_data``, never a private row): the private steps that follow start from it.
@@ -384,7 +387,8 @@ def pretrain_on_public(
   and lets the noisy steps adapt a model instead of building one, which matters most at
   small epsilon. It runs ``epochs`` epochs with ``training``'s optimiser and learning rate
   at batch ``PRETRAIN_BATCH_SIZE`` (at most the public set's size), without an EMA; the loss
-  has aux ``aux_name``.
+  has aux ``aux_name``. ``side_inputs``, ``after_step`` and ``evaluate`` are :func:`fit`'s
+  (a GAN's critic pretrains with its generator's hooks, :class:`GeneratorTrainer`).
 
   Returns:
     The pretrained parameters.
@@ -396,6 +400,7 @@ def pretrain_on_public(
   return fit(
     f"{label} public pretraining", loss_fn, params, public_data, training, noise=None,
     keys=keys, run=run, release=True, has_aux=True, aux_name=aux_name, progress=progress,
+    side_inputs=side_inputs, after_step=after_step, evaluate=evaluate,
   ).params  # fmt: skip
 
 
