@@ -205,7 +205,7 @@ def run(cfg: Config) -> dict[str, Any]:
                                                   job.private)  # fmt: skip
     release.add({**entry, **result}, ledger, synthetic, cfg.delta)
 
-  baseline = public_only_baseline(cfg, splits, keys, out)
+  baseline = tasks.public_only_baseline(cfg, splits, keys, out)
   curves = {e["label"]: e["history"] for e in release.entries if e["private"]}
   if curves and cfg.generator == "gan":
     plot_curves(curves, out.file("plots/generator_loss.png"), metrics=("loss",),
@@ -214,18 +214,11 @@ def run(cfg: Config) -> dict[str, Any]:
   info = {"dataset": cfg.dataset, "num_private": n, "feature_network": feature_info,
           "autoencoder": ae_info, "public_only_baseline": baseline}  # fmt: skip
   metrics = release.finish(info, title)
-  if scores := _scores(baseline):
-    print(f"public-only baseline ({len(splits.public)} public examples): {scores}")
+  tasks.print_public_only_baseline(baseline, len(splits.public))
   for e in release.entries:
-    if scores := _scores(e["downstream_with_public"]):
+    if scores := tasks.accuracy_scores(e["downstream_with_public"]):
       print(f"{e['label']} synthetic + public images: {scores}")
   return metrics
-
-
-def _scores(result: dict[str, Any]) -> str:
-  """A classifier's test and validation accuracies (those it has), for stdout."""
-  splits = [s for s in ("test", "validation") if f"{s}_accuracy" in result]
-  return ", ".join(f"{s} accuracy {100 * result[f'{s}_accuracy']:.2f}%" for s in splits)
 
 
 def train_generator(
@@ -279,18 +272,14 @@ def train_generator(
   return trained, sample_gan, trainer.params
 
 
-def _public_cut(public: Any) -> int:
-  """Public examples that train the public-only classifiers (90%; the rest select epochs)."""
-  return max(1, round(0.9 * len(public)))
-
-
 def with_public(
   cfg: Config, label: str, synthetic: Any, splits: Any, keys: Any, out: RunFolder, private: bool
 ) -> dict[str, Any]:  # fmt: skip
   """The downstream classifier trained on the synthetic set AND the public images it may
   use anyway: what the private generator adds over the public data alone
-  (:func:`public_only_baseline`). Post-processing of the released set and public data."""
-  public, cut = splits.public, _public_cut(splits.public)
+  (:func:`jaxdp.experiment.tasks.public_only_baseline`). Post-processing of the released set
+  and public data."""
+  public, cut = splits.public, tasks.public_cut(splits.public)
   train = dataclasses.replace(
     synthetic, images=np.concatenate([synthetic.images, public.images[:cut]]),
     labels=np.concatenate([synthetic.labels, public.labels[:cut]]),
@@ -305,29 +294,6 @@ def with_public(
   )  # fmt: skip
   result.pop("history", None)
   return {"training_rows": len(train), **result}
-
-
-def public_only_baseline(cfg: Config, splits: Any, keys: Any, out: RunFolder) -> dict[str, Any]:
-  """The downstream classifier trained on the public partition alone (90%, the rest for
-  its epoch choice): what the route must beat to be worth its privacy cost.
-
-  Trained as hard as the synthetic sets' classifier: the public images are repeated, each
-  copy with its own random shifts, to as many rows as a synthetic set has, so that it gets
-  the same epochs, steps and augmentation (10 epochs of the bare 1,800 images would be 70
-  steps, an undertrained and flattering baseline)."""
-  public = splits.public
-  cut = _public_cut(public)
-  rows = max(cut, cfg.num_samples or len(splits.private))
-  label = "public-only baseline"
-  result = tasks.train_on_synthetic(
-    label, public.subset(np.resize(np.arange(cut), rows)),
-    public.subset(np.arange(cut, len(public))), cfg,
-    validation=splits.validation, test=splits.final_test(label) if cfg.test else None,
-    keys=keys, init_key=jax.random.key(cfg.seed), run=out, release=True,
-    progress=cfg.progress,
-  )  # fmt: skip
-  result.pop("history", None)
-  return {"public_examples": cut, "training_rows": rows, **result}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

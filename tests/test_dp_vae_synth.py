@@ -339,7 +339,10 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
     assert word not in text, word
   assert "train_clip_fraction" in (out / "nondp" / "diagnostics.jsonl").read_text()
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[-4].split()[:2] == ["VAE", "downstream"] and lines[-2].startswith("DP eps=4")
+  assert lines[-5].split()[:2] == ["VAE", "downstream"] and lines[-3].startswith("DP eps=4")
+  # the VAE started from the public data: beside it, what the public data alone gives
+  assert lines[-1].startswith("public-only baseline (300 public examples): test accuracy")
+  assert 0.0 <= metrics["public_only_baseline"]["test_accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize(

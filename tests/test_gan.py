@@ -221,6 +221,13 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path,
     return fit(label, loss_fn, params, train_data, *a, **k)
 
   monkeypatch.setattr(tasks, "fit", spy)
+  downstream, train_on_synthetic = {}, tasks.train_on_synthetic
+
+  def spy_downstream(label, synthetic, *a, **k):
+    downstream[label] = np.asarray(synthetic.images)
+    return train_on_synthetic(label, synthetic, *a, **k)
+
+  monkeypatch.setattr(tasks, "train_on_synthetic", spy_downstream)
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
@@ -256,5 +263,10 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path,
   # and cost nothing: the ledger above holds the critic's private steps alone.
   public = splits.load_splits("synthetic", validation_size=300, public_size=300, train_size=800)
   np.testing.assert_array_equal(seen["GAN public pretraining"], public.public.images)
-  assert [label for label in seen if "public" in label] == ["GAN public pretraining"]
+  assert [label for label in seen if "pretraining" in label] == ["GAN public pretraining"]
   np.testing.assert_array_equal(seen[p["label"]], public.private.images)
+  # Beside it, the classifier trained on the public partition alone (the honest baseline).
+  baseline = metrics["public_only_baseline"]
+  assert baseline["public_examples"] == 270 and 0.0 <= baseline["test_accuracy"] <= 1.0
+  rows = np.resize(np.arange(270), 500)  # repeated to the synthetic set's 500 rows
+  np.testing.assert_array_equal(downstream["public-only baseline"], public.public.images[rows])
