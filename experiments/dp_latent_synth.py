@@ -212,9 +212,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 splits=("generator",))  # fmt: skip
   title = f"{cfg.dataset}: {name} samples per class, delta = {cfg.delta:g}"
   info = {"dataset": cfg.dataset, "num_private": n, "feature_network": feature_info,
-          "autoencoder": ae_info, "public_only_baseline": baseline}  # fmt: skip
-  metrics = release.finish(info, title)
-  tasks.print_public_only_baseline(baseline, len(splits.public))
+          "autoencoder": ae_info}  # fmt: skip
+  metrics = release.finish(info, title, baseline)
   for e in release.entries:
     if scores := tasks.accuracy_scores(e["downstream_with_public"]):
       print(f"{e['label']} synthetic + public images: {scores}")

@@ -186,12 +186,10 @@ def run(cfg: Config) -> dict[str, Any]:
     plot_curves(curves, out.file("plots/elbo.png"), metrics=("neg_elbo",), splits=("validation",))
   title = f"{cfg.dataset}: synthetic samples per class, delta = {cfg.delta:g}"
   info = {"dataset": cfg.dataset, "num_private": n, "feature_network": feature_info}
-  if cfg.public_pretrain_epochs:  # the VAE used the public data: what it alone gives
-    info["public_only_baseline"] = tasks.public_only_baseline(cfg, splits, keys, out)
-  metrics = release.finish(info, title)
-  if "public_only_baseline" in info:
-    tasks.print_public_only_baseline(info["public_only_baseline"], len(splits.public))
-  return metrics
+  baseline = None  # the VAE used the public data: what it alone gives, beside it
+  if cfg.public_pretrain_epochs:
+    baseline = tasks.public_only_baseline(cfg, splits, keys, out)
+  return release.finish(info, title, baseline)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -270,11 +270,10 @@ def _tap_matmul_fwd(x, w, pads, precision):
 def _tap_matmul_bwd(pads, precision, res, dy):
   x, w = res
   n = x.ndim - 2
-  dx = jax.vjp(lambda x_: _tap_matmul_forward(x_, w, pads, precision), x)[1](dy)[0]
   c_in, c_out = w.shape[-2:]
-  if c_in >= c_out:
-    dw = jax.vjp(lambda w_: _tap_matmul_forward(x, w_, pads, precision), w)[1](dy)[0]
-    return dx, dw
+  if c_in >= c_out:  # autodiff's route: both gradients from the cotangent of Z
+    return jax.vjp(lambda x_, w_: _tap_matmul_forward(x_, w_, pads, precision), x, w)[1](dy)
+  dx = jax.vjp(lambda x_: _tap_matmul_forward(x_, w, pads, precision), x)[1](dy)[0]
   kshape = tuple(int(k) for k in w.shape[:n])
   out = dy.shape[1 : 1 + n]
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))

@@ -769,7 +769,7 @@ def _rows_sq_norm(
   return sq, _Kept(how, None if how == "materialize" else a_rows, g_rows, per_ex, perm)
 
 
-# Up to this many rows per example, :func:`_row_gram` is a product and a sum, not a dot.
+# Below this many rows per example, :func:`_row_gram` is a product and a sum, not a dot.
 ROW_GRAM_DOT_MIN_ROWS = 5
 
 

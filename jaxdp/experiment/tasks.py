@@ -69,7 +69,6 @@ __all__ = [
   "label_proportions",
   "load_data",
   "make_classifier",
-  "print_public_only_baseline",
   "public_cut",
   "public_only_baseline",
   "run_feature_network",
@@ -769,12 +768,6 @@ def accuracy_scores(result: Mapping[str, Any]) -> str:
   return ", ".join(f"{s} accuracy {100 * result[f'{s}_accuracy']:.2f}%" for s in names)
 
 
-def print_public_only_baseline(baseline: Mapping[str, Any], public_size: int) -> None:
-  """One stdout line for :func:`public_only_baseline`'s result."""
-  if scores := accuracy_scores(baseline):
-    print(f"public-only baseline ({public_size} public examples): {scores}")
-
-
 def train_on_synthetic(
   label: str,
   synthetic: data.Dataset,
@@ -1009,8 +1002,17 @@ class SyntheticRelease:
     self.entries.append(entry)
     return entry
 
-  def finish(self, metrics: Mapping[str, Any], title: str) -> dict[str, Any]:
-    """Grids, ``metrics.json`` (``metrics`` plus ``pipelines``) and the printed table."""
+  def finish(
+    self,
+    metrics: Mapping[str, Any],
+    title: str,
+    public_baseline: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]:
+    """Grids, ``metrics.json`` (``metrics`` plus ``pipelines``, and
+    ``public_only_baseline`` when given: :func:`public_only_baseline`, for generators that
+    used the public partition) and the printed table (the baseline's line after it)."""
+    if public_baseline is not None:
+      metrics = {**metrics, "public_only_baseline": public_baseline}
     figure = self.splits.figure_examples()
     k = self.splits.num_classes
     real = {"real (test set)": class_grid(figure.images, figure.labels, k, self.images_per_class)}
@@ -1029,6 +1031,8 @@ class SyntheticRelease:
     print(synthetic_table(self.entries, self.generator))
     if released:
       print(f"released: epsilon {out['privacy']['epsilon_pld']:.3f} (PLD), all DP pipelines")
+    if public_baseline is not None and (scores := accuracy_scores(public_baseline)):
+      print(f"public-only baseline ({len(self.splits.public)} public examples): {scores}")
     return out
 
 
