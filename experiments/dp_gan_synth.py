@@ -46,6 +46,7 @@ from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder
 from jaxdp.experiment.settings import (
   DataSettings,
+  GANSettings,
   Job,
   PrivacySettings,
   RunSettings,
@@ -56,7 +57,7 @@ from jaxdp.plots import plot_curves
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
+class Config(DataSettings, PrivacySettings, SyntheticSettings, GANSettings, RunSettings):
   """Everything a run depends on; the flags, written to ``config.json``."""
 
   DEFAULT_EPSILON: ClassVar[float] = 10.0
@@ -71,40 +72,14 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   epochs: int = option(20, "critic epochs (round(1/q) critic steps each)", check="positive_int")
   batch_size: int = option(512, "expected (Poisson) batch size of a critic step",
                            check="positive_int")  # fmt: skip
-  critic_steps: int = option(5, "critic steps per generator step", check="positive_int")
   lr: float = option(1e-3, "critic Adam learning rate", check="positive")
-  generator_lr: float = option(1e-3, "generator Adam learning rate (b1 0.5)", check="positive")
-  mode_seeking: float = option(
-    1.0,
-    "weight of the generator's mode-seeking term against a class collapsing to a few "
-    "images (MSGAN; generator only, no privacy cost; 0: off)",
-  )
-  generator_ema: float = option(
-    0.99,
-    "release an exponential moving average of the generator's iterates with this decay "
-    "(0: the last iterate; post-processing, no privacy cost)",
-    check="decay",
-  )
   clip: float = option(1.0, "L2 clip norm of each pair's gradient", check="positive")
-  loss: str = option("logistic", "critic objective: the original GAN's cross-entropy with a "
-                     "non-saturating generator (logistic), or the WGAN's (wasserstein)",
-                     choices=gan.LOSSES)  # fmt: skip
-  gradient_penalty: float | None = option(
-    None,
-    "WGAN-GP weight, inside the per-example loss (0: off; default: 10 with --loss "
-    "wasserstein, 0 with logistic, which needs no Lipschitz constraint)",
-  )
-  weight_clip: float | None = option(
-    None, "keep every critic parameter in [-c, c] (the original WGAN)", check="positive"
-  )
   latent_dim: int = option(32, "generator latent dimension", check="positive_int")
   generator_width: int = option(64, "generator channels", check="positive_int")
   critic_width: int = option(16, "critic channels of its first conv", check="positive_int")
   critic_hidden: int = option(
     128, "units of the critic's Dense layer after its convs (0: none)", check="non_negative_int"
   )
-  critic_activation: str = option("leaky_relu", "critic activation",
-                                  choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
   public_pretrain_epochs: int = option(
     0, "epochs of the critic and the generator on the PUBLIC partition before the private "
     "ones (0: off; no privacy cost)", check="non_negative_int",
@@ -113,22 +88,8 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
       raise ValueError("--no-dp takes no --noise-multiplier, --target-epsilon or --epsilons")
-    if self.mode_seeking < 0:
-      raise ValueError(f"--mode-seeking must be >= 0, got {self.mode_seeking}")
-    if self.gradient_penalty is not None and self.gradient_penalty < 0:
-      raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
     if self.public_pretrain_epochs and self.public_size < 1:
       raise ValueError("--public-pretrain-epochs needs a public partition (--public-size >= 1)")
-
-  @property
-  def penalty(self) -> float:
-    """The gradient penalty's weight, its default resolved by the loss."""
-    if self.gradient_penalty is not None:
-      return self.gradient_penalty
-    return 10.0 if self.loss == "wasserstein" else 0.0
-
-  def derived(self) -> dict[str, Any]:
-    return {"gradient_penalty_resolved": self.penalty}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -154,37 +115,20 @@ def run(cfg: Config) -> dict[str, Any]:
   out = RunFolder.start(cfg, "sweep" if len(jobs) > 1 else jobs[0].label.replace(" ", "-"))
   keys = cfg.key_source()
   features, feature_info = tasks.run_feature_network(cfg, splits)
-  name = {"wasserstein": "WGAN", "logistic": "GAN"}[cfg.loss]
-  name += "-GP" if cfg.penalty > 0 else ""
+  name = cfg.gan_name
   release = tasks.SyntheticRelease(out, splits, name, cfg.images_per_class)
-  loss = gan.critic_loss(critic, gradient_penalty=cfg.penalty, loss=cfg.loss)
-  start_c, start_g = init_c(), init_g()
+  start = init_c(), init_g()
   if cfg.public_pretrain_epochs:  # public only: one starting point for every pipeline
-    public = jax.device_put(splits.public.arrays())
-    pre = tasks.GeneratorTrainer(
-      generator, critic, start_g, gan.generator_optimizer(cfg.generator_lr),
-      batch_size=min(tasks.PRETRAIN_BATCH_SIZE, len(splits.public)), every=cfg.critic_steps,
-      key=keys.key("public pretraining/fakes"), loss=cfg.loss, mode_seeking=cfg.mode_seeking,
+    start = tasks.pretrain_gan_on_public(
+      name, generator, critic, start, jax.device_put(splits.public.arrays()), training, cfg,
+      epochs=cfg.public_pretrain_epochs, keys=keys, run=out, progress=cfg.progress,
     )  # fmt: skip
-    start_c = tasks.pretrain_on_public(
-      name, loss, start_c, public, training, epochs=cfg.public_pretrain_epochs, keys=keys,
-      run=out, aux_name="wasserstein", progress=cfg.progress, side_inputs=pre.side_inputs,
-      after_step=pre.after_step, evaluate=pre.epoch_loss,
-    )  # fmt: skip
-    start_g = pre.params
 
   for job in jobs:
     ledger, proportions, noisy, noise = release.start(job, cfg, keys=keys, training=training)
-    noise = tasks.critic_noise(noise, cfg.penalty)
-    trainer = tasks.GeneratorTrainer(
-      generator, critic, start_g, gan.generator_optimizer(cfg.generator_lr, cfg.generator_ema),
-      batch_size=cfg.batch_size, every=cfg.critic_steps, key=keys.key(f"{job.label}/fakes"),
-      loss=cfg.loss, mode_seeking=cfg.mode_seeking,
-    )  # fmt: skip
-    trained = tasks.fit(
-      job.label, loss, start_c, jax.device_put(private.arrays()), training, noise=noise,
-      keys=keys, run=out, evaluate=trainer.epoch_loss, has_aux=True, aux_name="wasserstein",
-      progress=cfg.progress, side_inputs=trainer.side_inputs, after_step=trainer.after_step,
+    trained, generator_params = tasks.fit_gan(
+      job.label, generator, critic, start, jax.device_put(private.arrays()), training, cfg,
+      noise=noise, keys=keys, run=out, progress=cfg.progress,
     )  # fmt: skip
     if noise is not None:  # one event per critic step; the generator's steps cost nothing
       ledger.add_dpsgd(
@@ -192,11 +136,13 @@ def run(cfg: Config) -> dict[str, Any]:
       )
     entry: dict[str, Any] = {"label": job.label, "private": job.private, "noisy_counts": noisy}
     entry.update(critic=trained.entry, history=trained.history)
-    entry["generator_steps"] = trained.entry["steps"] // cfg.critic_steps
+    entry["generator_steps"] = trained.entry["generator_steps"]
     entry["train_time_s"] = trained.entry["train_time_s"]
-    entry["generator_checkpoint"] = out.save_params(job.label, trainer.params, released=job.private)
+    entry["generator_checkpoint"] = out.save_params(
+      job.label, generator_params, released=job.private
+    )
     result, synthetic = tasks.evaluate_generator(
-      job.label, functools.partial(gan.sample, generator, trainer.params), cfg, splits,
+      job.label, functools.partial(gan.sample, generator, generator_params), cfg, splits,
       proportions=proportions, features=features, keys=keys, run=out, release=job.private,
       test=cfg.test, seed=cfg.seed, progress=cfg.progress,
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """Private synthetic MNIST by the latent route: a PUBLIC autoencoder, a private generator
-of its latent codes (a latent VAE or a latent WGAN), samples decoded by the public decoder.
+of its latent codes (a latent VAE or a latent GAN), samples decoded by the public decoder.
 
     python experiments/dp_latent_synth.py                        # latent VAE at eps = 10
-    python experiments/dp_latent_synth.py --generator gan        # latent WGAN-GP
+    python experiments/dp_latent_synth.py --generator gan        # latent GAN
+    python experiments/dp_latent_synth.py --generator gan --loss wasserstein  # latent WGAN-GP
     python experiments/dp_latent_synth.py --epsilons 1,3,10      # one grid per epsilon
     python experiments/dp_latent_synth.py --quick                # a smoke run
 
@@ -12,9 +13,10 @@ read; :mod:`jaxdp.experiment.splits`): it costs no privacy and never sees the pr
 (2) Each private image becomes a code, by the public encoder or (``--codes inversion``) by
 gradient descent on the public decoder; codes are standardised by the PUBLIC codes' mean and
 spread. (3) A class-conditional generator of (code, label) trains through the one jaxdp step
-(:class:`jaxdp.models.latent.LatentVAE`, or the vector WGAN of :mod:`jaxdp.models.gan`); the
-latent VAE may first train without noise on the PUBLIC codes (``--public-pretrain-epochs``,
-free of privacy cost), so that the private steps start from a public model.
+(:class:`jaxdp.models.latent.LatentVAE`, or the vector GAN of :mod:`jaxdp.models.gan`, whose
+critic alone reads the private codes, one accounted event per critic step); the generator
+first trains without noise on the PUBLIC codes (``--public-pretrain-epochs``, free of privacy
+cost), so that the private steps start from a public model.
 (4) Its samples, decoded, make the labelled synthetic set: train on synthetic / test on real,
 FID / IS, grids, as for the DP-VAE. Beside it, the honest baseline: the same classifier
 trained on the public partition alone, for as many steps on as many (repeated, shifted)
@@ -51,6 +53,7 @@ from jaxdp.experiment.cli import option
 from jaxdp.experiment.runs import RunFolder
 from jaxdp.experiment.settings import (
   DataSettings,
+  GANSettings,
   Job,
   PrivacySettings,
   RunSettings,
@@ -62,7 +65,7 @@ from jaxdp.plots import plot_curves
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
+class Config(DataSettings, PrivacySettings, SyntheticSettings, GANSettings, RunSettings):
   """Everything a run depends on; the flags, written to ``config.json``."""
 
   DEFAULT_EPSILON: ClassVar[float] = 10.0
@@ -90,34 +93,27 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, RunSettings):
   batch_size: int = option(2048, "expected (Poisson) batch size", check="positive_int")
   lr: float = option(2e-3, "generator (latent VAE) / critic Adam learning rate",
                      check="positive")  # fmt: skip
-  ema: float = option(0.99, "decay of the released parameter average (0: off)", check="decay")
+  ema: float = option(
+    0.99, "latent VAE: decay of its released parameter average (0: off)", check="decay"
+  )
   clip: float = option(1.0, "L2 clip norm of each example's gradient", check="positive")
   latent_dim: int = option(16, "the generator's own latent dimension", check="positive_int")
   hidden: tuple[int, ...] = option((256, 256), "the generator's (and critic's) MLP widths",
                                    check="positive_ints")  # fmt: skip
   activation: str = option("elu", "the latent VAE's activation (the latent GAN's critic: "
                            "--critic-activation)", choices=tuple(ACTIVATIONS))  # fmt: skip
-  critic_activation: str = option("leaky_relu", "latent GAN: critic activation",
-                                  choices=gan.CRITIC_ACTIVATIONS)  # fmt: skip
   temperature: float = option(1.3, "latent VAE sampling temperature", check="positive")
   public_pretrain_epochs: int = option(
-    200, "latent VAE: epochs on the PUBLIC codes before the private ones (0: off; the "
-    "latent GAN trains from scratch)",
+    200, "epochs of the generator (a GAN: with its critic) on the PUBLIC codes before the "
+    "private ones (0: off)",
     check="non_negative_int",
   )  # fmt: skip
-  critic_steps: int = option(5, "latent GAN: critic steps per generator step",
-                             check="positive_int")  # fmt: skip
-  gradient_penalty: float = option(10.0, "latent GAN: WGAN-GP weight (0: off)")
-  generator_lr: float = option(1e-3, "latent GAN: generator Adam learning rate",
-                               check="positive")  # fmt: skip
 
   def check(self) -> None:
     if not self.dp and (self.noise_multiplier or self.target_epsilon or self.epsilons):
       raise ValueError("--no-dp takes no --noise-multiplier, --target-epsilon or --epsilons")
     if self.public_size < 1:
       raise ValueError("--public-size must be >= 1: the autoencoder trains on public data")
-    if self.gradient_penalty < 0:
-      raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
 
 
 def public_autoencoder(cfg: Config, splits: Any, keys: Any, out: RunFolder):
@@ -173,11 +169,13 @@ def run(cfg: Config) -> dict[str, Any]:
   # Each private code is a public function of its own image: the generator's DP is the route's.
   data = {"code": (codes - mean) / spread, "label": jnp.asarray(private.labels)}
   public_data = {"code": (public_codes - mean) / spread, "label": jnp.asarray(splits.public.labels)}
+  gan_run = cfg.generator == "gan"
   training = tasks.Training(
     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam",
-    ema=cfg.ema if cfg.generator == "vae" else 0.0, **cfg.step_options(),
+    ema=0.0 if gan_run else cfg.ema, weight_clip=cfg.weight_clip if gan_run else None,
+    **cfg.step_options(),
   )  # fmt: skip
-  name = f"latent {cfg.generator.upper()}"
+  name = f"latent {cfg.gan_name if gan_run else 'VAE'}"
   release = tasks.SyntheticRelease(out, splits, name, cfg.images_per_class)
 
   for job in jobs:
@@ -188,7 +186,9 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     if noise is not None:
       steps = trained.entry["steps"]
-      ledger.add_dpsgd("generator", trained.entry["sampling_prob"], noise.noise_multiplier, steps)
+      # A GAN: one event per critic step; its generator's steps cost nothing.
+      ledger.add_dpsgd("critic" if gan_run else "generator", trained.entry["sampling_prob"],
+                       noise.noise_multiplier, steps)  # fmt: skip
     entry: dict[str, Any] = {"label": job.label, "private": job.private, "noisy_counts": noisy}
     entry.update(generator=trained.entry, history=trained.history)
     entry["train_time_s"] = trained.entry["train_time_s"]
@@ -227,9 +227,9 @@ def train_generator(
   """The private generator of (code, label): ``(trained, sample(labels, key) -> codes,
   released parameters)`` (``k`` classes).
 
-  With ``--public-pretrain-epochs`` the latent VAE first trains without noise on the PUBLIC
-  partition's codes (``public_data``): a public starting point, free of privacy cost, that
-  the private steps then adapt to the private codes."""
+  With ``--public-pretrain-epochs`` the generator (the GAN's with its critic) first trains
+  without noise on the PUBLIC partition's codes (``public_data``): a public starting point,
+  free of privacy cost, that the private steps then adapt to the private codes."""
   key = jax.random.key(cfg.seed)  # public: initialisation
   code, y = jnp.zeros((1, cfg.code_dim)), jnp.zeros((1,), jnp.int32)
   if cfg.generator == "vae":
@@ -252,23 +252,24 @@ def train_generator(
     return trained, sample, trained.params
   g = gan.VectorGenerator(cfg.code_dim, k, cfg.latent_dim, cfg.hidden)
   critic = gan.VectorCritic(k, cfg.hidden, cfg.critic_activation)
-  trainer = tasks.GeneratorTrainer(
-    g, critic, jax.jit(g.init)(key, jnp.zeros((1, cfg.latent_dim)), y)["params"],
-    gan.generator_optimizer(cfg.generator_lr), batch_size=cfg.batch_size,
-    every=cfg.critic_steps, key=keys.key(f"{label}/fakes"),
-  )  # fmt: skip
-  trained = tasks.fit(
-    label, gan.critic_loss(critic, gradient_penalty=cfg.gradient_penalty, key="code"),
-    jax.jit(critic.init)(key, code)["params"], data, training,
-    noise=tasks.critic_noise(noise, cfg.gradient_penalty), keys=keys, run=out,
-    evaluate=trainer.epoch_loss, has_aux=True, aux_name="wasserstein", progress=cfg.progress,
-    side_inputs=trainer.side_inputs, after_step=trainer.after_step,
+  start = (
+    jax.jit(critic.init)(key, code)["params"],
+    jax.jit(g.init)(key, jnp.zeros((1, cfg.latent_dim)), y)["params"],
+  )
+  if cfg.public_pretrain_epochs:
+    start = tasks.pretrain_gan_on_public(
+      label, g, critic, start, public_data, training, cfg, epochs=cfg.public_pretrain_epochs,
+      field="code", keys=keys, run=out, progress=cfg.progress,
+    )  # fmt: skip
+  trained, params = tasks.fit_gan(
+    label, g, critic, start, data, training, cfg, noise=noise, field="code", keys=keys,
+    run=out, progress=cfg.progress,
   )  # fmt: skip
 
   def sample_gan(labels: Any, key: jax.Array) -> jax.Array:
-    return gan.sample(g, trainer.params, labels, key)
+    return gan.sample(g, params, labels, key)
 
-  return trained, sample_gan, trainer.params
+  return trained, sample_gan, params
 
 
 def with_public(

@@ -11,7 +11,8 @@ Each cell is one run of a model's script (its defaults, its default epsilon unle
 secret noise (:mod:`jaxdp.experiment.study`). The sweeps are for choosing settings, so no
 cell reads the test set: utility is validation accuracy (for a generator, of the standard
 CNN trained on its synthetic set), with feature FID for the generators. The activation of a
-generator is its private network's: the DP-VAE's, the WGAN-GP critic's, the latent VAE's.
+generator is its private network's: the DP-VAE's, the DP-GAN critic's (its default loss, the
+original GAN's), the latent VAE's, the latent GAN critic's.
 tanh is the tempered sigmoid 2 sigmoid(2x) - 1 (s = 2, T = 2, o = 1, Papernot et al.'s
 MNIST choice, arXiv:2007.14191); ``--values tempered_sigmoid`` names it so.
 """
@@ -34,8 +35,9 @@ from jaxdp.plots import plot_series
 MODELS = {
   "classifier": ("experiments/dp_classifier.py", ("--no-baseline",), "--activation"),
   "dp-vae": ("experiments/dp_vae_synth.py", (), "--activation"),
-  "dp-wgan-gp": ("experiments/dp_gan_synth.py", (), "--critic-activation"),
+  "dp-gan": ("experiments/dp_gan_synth.py", (), "--critic-activation"),
   "latent-vae": ("experiments/dp_latent_synth.py", (), "--activation"),
+  "latent-gan": ("experiments/dp_latent_synth.py", ("--generator", "gan"), "--critic-activation"),
 }
 DEFAULT_VALUES = {"clip": ("0.01", "0.1", "1", "10"), "activation": ("relu", "tanh", "elu", "gelu")}
 VALUES = ("validation_accuracy", "fid", "inception_score", "classes_predicted", "diversity",

@@ -4,6 +4,7 @@ folder with the public-only baseline beside the route."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from test_dp_classifier import load_script
 
-from jaxdp.experiment import tasks
+from jaxdp import accounting
+from jaxdp.experiment import splits, tasks
 from jaxdp.models import latent
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "dp_latent_synth.py"
@@ -104,3 +106,44 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   mixed = p["downstream_with_public"]  # the synthetic set plus the public training images
   assert mixed["training_rows"] == p["num_samples"] + base["public_examples"]
   assert 0.0 <= mixed["test_accuracy"] <= 1.0
+
+
+def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_once(
+  tmp_path, monkeypatch
+):
+  exp = load_script(SCRIPT)
+  seen: dict[str, np.ndarray] = {}
+  fit = tasks.fit
+
+  def spy(label, loss_fn, params, train_data, *args, **kwargs):
+    seen[label] = np.asarray(train_data.get("image", train_data.get("code")))
+    return fit(label, loss_fn, params, train_data, *args, **kwargs)
+
+  monkeypatch.setattr(tasks, "fit", spy)
+  flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
+  flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
+  flags += ["--ae-epochs", "2", "--batch-size", "200", "--num-samples", "500"]
+  flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--code-dim", "8"]
+  flags += ["--hidden", "32", "--out", str(tmp_path), "--name", "g", "--generator", "gan"]
+  flags += ["--public-pretrain-epochs", "1", "--critic-steps", "2"]
+  metrics = exp.main(flags)
+  (p,) = metrics["pipelines"]
+  critic = p["generator"]
+  assert critic["steps"] == 2 * round(1 / critic["sampling_prob"]) == 8
+  assert critic["generator_steps"] == critic["steps"] // 2
+  (event,) = p["ledger"]["entries"]  # the critic's private steps alone
+  assert event["name"] == "critic" and event["steps"] == critic["steps"]
+  want = accounting.epsilon(
+    accounting.dpsgd_event(critic["sampling_prob"], critic["noise_multiplier"], critic["steps"]),
+    1e-5,
+  )
+  assert p["epsilon_pld"] == pytest.approx(want, rel=1e-9) and p["epsilon_pld"] <= 10.0
+  # its public pretraining (critic and generator, no noise): the public codes, then the
+  # private steps on the private codes
+  public = splits.load_splits("synthetic", validation_size=300, public_size=300, train_size=800)
+  assert seen["DP eps=10 public pretraining"].shape == (len(public.public), 8)
+  assert seen["DP eps=10"].shape == (len(public.private), 8)
+  config = json.loads((tmp_path / "g" / "config.json").read_text())
+  assert config["gradient_penalty_resolved"] == 0.0 and config["loss"] == "logistic"
+  for name in ("metrics.json", "plots/synthetic_grid.png", "plots/generator_loss.png"):
+    assert (tmp_path / "g" / name).is_file(), name

@@ -24,11 +24,13 @@ from jaxdp import step as step_lib
 from jaxdp.experiment.cli import flag, option
 from jaxdp.keys import KeySource
 from jaxdp.models import classifier as classifier_lib
+from jaxdp.models import gan as gan_lib
 from jaxdp.models import vae as vae_lib
 
 __all__ = [
   "ClassifierSettings",
   "DataSettings",
+  "GANSettings",
   "Job",
   "PrivacySettings",
   "RunSettings",
@@ -384,3 +386,59 @@ class VAESettings(Settings):
     return vae_lib.ConditionalVAE(
       image_shape=image_shape, num_classes=num_classes, act=self.activation, **fields
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GANSettings(Settings):
+  """A private GAN's recipe (:mod:`jaxdp.models.gan`, :func:`jaxdp.experiment.tasks.fit_gan`):
+  the critic's objective, its penalty or weight clipping, and the generator that learns from
+  the DP critic (post-processing: no privacy cost), for images and latent codes alike."""
+
+  loss: str = option("logistic", "critic objective: the original GAN's cross-entropy with a "
+                     "non-saturating generator (logistic), or the WGAN's (wasserstein)",
+                     choices=gan_lib.LOSSES)  # fmt: skip
+  gradient_penalty: float | None = option(
+    None,
+    "WGAN-GP weight, inside the per-example loss (0: off; default: 10 with --loss "
+    "wasserstein, 0 with logistic, which needs no Lipschitz constraint)",
+  )
+  weight_clip: float | None = option(
+    None, "keep every critic parameter in [-c, c] (the original WGAN)", check="positive"
+  )
+  critic_activation: str = option("leaky_relu", "critic activation",
+                                  choices=gan_lib.CRITIC_ACTIVATIONS)  # fmt: skip
+  critic_steps: int = option(5, "critic steps per generator step", check="positive_int")
+  generator_lr: float = option(1e-3, "generator Adam learning rate (b1 0.5)", check="positive")
+  mode_seeking: float = option(
+    1.0,
+    "weight of the generator's mode-seeking term against a class collapsing to a few "
+    "samples (MSGAN; generator only, no privacy cost; 0: off)",
+  )
+  generator_ema: float = option(
+    0.99,
+    "release an exponential moving average of the generator's iterates with this decay "
+    "(0: the last iterate; post-processing, no privacy cost)",
+    check="decay",
+  )
+
+  def check(self) -> None:
+    if self.mode_seeking < 0:
+      raise ValueError(f"--mode-seeking must be >= 0, got {self.mode_seeking}")
+    if self.gradient_penalty is not None and self.gradient_penalty < 0:
+      raise ValueError(f"--gradient-penalty must be >= 0, got {self.gradient_penalty}")
+
+  @property
+  def penalty(self) -> float:
+    """The gradient penalty's weight, its default resolved by the loss."""
+    if self.gradient_penalty is not None:
+      return self.gradient_penalty
+    return 10.0 if self.loss == "wasserstein" else 0.0
+
+  @property
+  def gan_name(self) -> str:
+    """GAN, GAN-GP, WGAN or WGAN-GP."""
+    name = {"wasserstein": "WGAN", "logistic": "GAN"}[self.loss]
+    return name + ("-GP" if self.penalty > 0 else "")
+
+  def derived(self) -> dict[str, Any]:
+    return {**super().derived(), "gradient_penalty_resolved": self.penalty}

@@ -32,7 +32,13 @@ from flax import serialization
 from jaxdp import _validate, accounting, data, optim, parallel, synth
 from jaxdp.experiment.cli import UsageError, flag, usage_errors
 from jaxdp.experiment.runs import RunFolder, format_table, slug
-from jaxdp.experiment.settings import CLASSIFIERS, Job, PrivacySettings, SyntheticSettings
+from jaxdp.experiment.settings import (
+  CLASSIFIERS,
+  GANSettings,
+  Job,
+  PrivacySettings,
+  SyntheticSettings,
+)
 from jaxdp.experiment.splits import Splits, load_splits
 from jaxdp.keys import KeySource
 from jaxdp.metrics import (
@@ -655,6 +661,81 @@ class GeneratorTrainer:
     value = float(np.mean(jax.device_get(self.losses)))
     self.losses = []
     return {"generator_loss": value}
+
+
+def pretrain_gan_on_public(
+  label: str,
+  generator: nn.Module,
+  critic: nn.Module,
+  start: tuple[PyTree, PyTree],
+  public_data: Mapping[str, jax.Array],
+  training: Training,
+  recipe: GANSettings,
+  *,
+  epochs: int,
+  field: str = "image",
+  keys: KeySource,
+  run: RunFolder | None,
+  progress: bool = True,
+) -> tuple[PyTree, PyTree]:
+  """A GAN's starting point: critic and generator trained together WITHOUT noise on the
+  PUBLIC partition only (:func:`pretrain_on_public` with the generator's hooks; no privacy
+  cost). ``start`` and the result are ``(critic_params, generator_params)``; the examples'
+  data is ``public_data[field]``. The generator's last iterate is returned (no average)."""
+  n = int(jax.tree_util.tree_leaves(public_data)[0].shape[0])
+  trainer = GeneratorTrainer(
+    generator, critic, start[1], gan_lib.generator_optimizer(recipe.generator_lr),
+    batch_size=min(PRETRAIN_BATCH_SIZE, n), every=recipe.critic_steps,
+    key=keys.key(f"{label} public pretraining/fakes"), loss=recipe.loss,
+    mode_seeking=recipe.mode_seeking,
+  )  # fmt: skip
+  loss = gan_lib.critic_loss(critic, gradient_penalty=recipe.penalty, key=field, loss=recipe.loss)
+  critic_params = pretrain_on_public(
+    label, loss, start[0], public_data, training, epochs=epochs, keys=keys, run=run,
+    aux_name="wasserstein", progress=progress, side_inputs=trainer.side_inputs,
+    after_step=trainer.after_step, evaluate=trainer.epoch_loss,
+  )  # fmt: skip
+  return critic_params, trainer.params
+
+
+def fit_gan(
+  label: str,
+  generator: nn.Module,
+  critic: nn.Module,
+  start: tuple[PyTree, PyTree],
+  data: Mapping[str, jax.Array],
+  training: Training,
+  recipe: GANSettings,
+  *,
+  noise: Noise | None,
+  field: str = "image",
+  keys: KeySource,
+  run: RunFolder | None,
+  progress: bool = True,
+) -> tuple[Trained, PyTree]:
+  """A GAN whose critic alone reads ``data`` (privately when ``noise`` is given): every
+  critic step is one :func:`fit` step on per-pair losses (:func:`jaxdp.models.gan.critic_loss`
+  on ``data[field]``, the penalty inside it), and after every ``recipe.critic_steps`` of them
+  the generator steps through the critic (:class:`GeneratorTrainer`; post-processing).
+
+  ``start`` is ``(critic_params, generator_params)``. Returns the trained critic (its
+  ``entry`` holds ``steps`` and ``sampling_prob``: the caller's ledger charges ONE event per
+  critic step and nothing for the generator) and the released generator's parameters (the
+  average of its iterates with ``recipe.generator_ema``)."""
+  trainer = GeneratorTrainer(
+    generator, critic, start[1],
+    gan_lib.generator_optimizer(recipe.generator_lr, recipe.generator_ema),
+    batch_size=training.batch_size, every=recipe.critic_steps, key=keys.key(f"{label}/fakes"),
+    loss=recipe.loss, mode_seeking=recipe.mode_seeking,
+  )  # fmt: skip
+  loss = gan_lib.critic_loss(critic, gradient_penalty=recipe.penalty, key=field, loss=recipe.loss)
+  trained = fit(
+    label, loss, start[0], data, training, noise=critic_noise(noise, recipe.penalty), keys=keys,
+    run=run, evaluate=trainer.epoch_loss, has_aux=True, aux_name="wasserstein",
+    progress=progress, side_inputs=trainer.side_inputs, after_step=trainer.after_step,
+  )  # fmt: skip
+  trained.entry["generator_steps"] = trained.entry["steps"] // recipe.critic_steps
+  return trained, trainer.params
 
 
 def train_classifier(
