@@ -103,6 +103,11 @@ class Config(DataSettings, PrivacySettings, SyntheticSettings, GANSettings, RunS
   activation: str = option("elu", "the latent VAE's activation (the latent GAN's critic: "
                            "--critic-activation)", choices=tuple(ACTIVATIONS))  # fmt: skip
   temperature: float = option(1.3, "latent VAE sampling temperature", check="positive")
+  mode_seeking: float = option(
+    3.0,
+    "latent GAN: weight of its generator's mode-seeking term (MSGAN; no privacy cost; 0: "
+    "off; 3 chosen on validation at eps 10, the image GAN keeps 1)",
+  )
   public_pretrain_epochs: int = option(
     200, "epochs of the generator (a GAN: with its critic) on the PUBLIC codes before the "
     "private ones (0: off)",

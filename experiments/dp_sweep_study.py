@@ -4,7 +4,7 @@ against the swept value, one line per model.
     python experiments/dp_sweep_study.py --sweep clip                 # clip 0.01 ... 10
     python experiments/dp_sweep_study.py --sweep activation           # relu, tanh, elu, gelu
     python experiments/dp_sweep_study.py --sweep clip --quick         # 2 values, a smoke study
-    python experiments/dp_sweep_study.py --sweep activation --models classifier,vae
+    python experiments/dp_sweep_study.py --sweep activation --models classifier,dp-vae
 
 Each cell is one run of a model's script (its defaults, its default epsilon unless
 ``--epsilon``) with one value of the swept setting, in its own run folder with its own

@@ -143,3 +143,88 @@ def test_flax_conv_takes_it_as_its_conv_function():
   )
   params = plain.init(jax.random.key(0), x)
   np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-5)
+
+
+def test_upsample_nearest_equals_image_resize():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 4)), jnp.float32)
+  want = jax.image.resize(x, (2, 6, 10, 4), "nearest")
+  np.testing.assert_array_equal(conv.upsample_nearest(x), want)
+  x1 = x[:, 0]  # 1-D
+  np.testing.assert_array_equal(
+    conv.upsample_nearest(x1, 3), jax.image.resize(x1, (2, 15, 4), "nearest")
+  )
+
+
+# (input shape, kernel shape, padding, whether the sub-pixel route applies)
+UPSAMPLE_CASES = [
+  ((2, 7, 7, 8), (3, 3, 8, 16), "SAME", True),  # the DP-GAN generator's convs
+  ((2, 4, 6, 3), (3, 3, 3, 5), ((1, 1), (1, 1)), True),
+  ((2, 4, 6, 3), (3, 3, 3, 2), "SAME", True),  # few outputs: 4 * 2 per phase conv
+  ((2, 4, 6, 3), (3, 3, 3, 5), "VALID", False),
+  ((2, 4, 6, 3), (5, 5, 3, 5), "SAME", False),
+  ((2, 5, 3), (3, 3, 4), "SAME", False),  # 1-D
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, padding, sub_pixel", UPSAMPLE_CASES)
+def test_upsample_conv_equals_the_conv_of_the_upsampled_map(x_shape, w_shape, padding, sub_pixel):
+  """Same values and gradients (input and kernel) as lax's conv of the upsampled map, on
+  the sub-pixel route and on the fallback alike."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  up_shape = (x_shape[0], *(2 * s for s in x_shape[1:-1]), x_shape[-1])
+  kw = dict(dimension_numbers=_conv_dimension_numbers(up_shape), precision="highest")
+  strides = (1,) * (len(x_shape) - 2)
+  want_fn = lambda x, w: jax.lax.conv_general_dilated(
+    conv.upsample_nearest(x), w, strides, padding, **kw
+  )
+  got_fn = lambda x, w: conv.upsample_conv(x, w, strides, padding, **kw)
+  want, got = want_fn(x, w), got_fn(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+  r = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  loss = lambda fn: lambda x, w: jnp.sum(fn(x, w) * r)
+  for g_want, g_got in zip(
+    jax.grad(loss(want_fn), (0, 1))(x, w), jax.grad(loss(got_fn), (0, 1))(x, w), strict=True
+  ):
+    np.testing.assert_allclose(g_got, g_want, atol=2e-6 * float(jnp.max(jnp.abs(g_want))))
+  # The route: the sub-pixel form has no upsampled map (no broadcast) in its program.
+  jaxpr = str(jax.make_jaxpr(got_fn)(x, w))
+  assert ("broadcast_in_dim" not in jaxpr) == sub_pixel
+
+
+def test_generator_and_decoder_are_their_convs_of_upsampled_maps():
+  """The DP-GAN generator and the latent route's decoder upsample inside their convs: their
+  outputs equal the same parameters' conv of the upsampled map (the models as written
+  before, so saved generators and cached autoencoders load unchanged)."""
+  from jaxdp.models import gan, latent
+
+  def reference(params, x, names, act):
+    dn = _conv_dimension_numbers((1, 1, 1, 1))
+    for name in names:
+      x = conv.upsample_nearest(x)
+      p = params[name]
+      x = act(jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME", dimension_numbers=dn)
+              + p["bias"])  # fmt: skip
+    return x
+
+  key = jax.random.key(0)
+  g = gan.ImageGenerator((28, 28, 1), 10, 8, 16)
+  z, y = jax.random.normal(key, (3, 8)), jnp.arange(3)
+  params = g.init(key, z, y)["params"]
+  h = jax.nn.one_hot(y, 10)
+  h = nn.relu(nn.Dense(128).apply({"params": params["Dense_0"]}, jnp.concatenate([z, h], -1)))
+  h = nn.relu(nn.Dense(7 * 7 * 16).apply({"params": params["Dense_1"]}, h)).reshape(3, 7, 7, 16)
+  h = reference(params, h, ("Conv_0", "Conv_1"), nn.relu)
+  want = jax.nn.sigmoid(nn.Conv(1, (3, 3)).apply({"params": params["Conv_2"]}, h))
+  np.testing.assert_allclose(g.apply({"params": params}, z, y), want, atol=1e-5)
+
+  ae = latent.Autoencoder((28, 28, 1), code_dim=4, width=8)
+  c = jax.random.normal(key, (3, 4))
+  params = ae.init(key, jnp.zeros((1, 28, 28, 1)))["params"]
+  h = nn.elu(nn.Dense(7 * 7 * 16).apply({"params": params["dec_in"]}, c)).reshape(3, 7, 7, 16)
+  h = reference(params, h, ("dec1", "dec2"), nn.elu)
+  want = nn.Conv(1, (3, 3)).apply({"params": params["dec_out"]}, h)
+  got = ae.apply({"params": params}, c, method=latent.Autoencoder.decode_logits)
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -27,6 +27,7 @@ import optax
 
 from jaxdp._chunks import map_chunks
 from jaxdp.conv import conv_general_dilated as space_to_depth_conv
+from jaxdp.conv import upsample_conv
 from jaxdp.models import classifier
 
 PyTree = Any
@@ -48,9 +49,11 @@ class Autoencoder(nn.Module):
     self.enc_out = nn.Dense(2 * self.code_dim if self.variational else self.code_dim)
     h, w, _ = self.image_shape
     self.dec_in = nn.Dense((h // 4) * (w // 4) * 2 * self.width)
-    self.dec1 = nn.Conv(self.width, (3, 3))
-    self.dec2 = nn.Conv(self.width, (3, 3))
-    self.dec_out = nn.Conv(self.image_shape[-1], (3, 3))
+    # Each upsamples its input 2x (nearest) first, in the sub-pixel form of
+    # jaxdp.conv.upsample_conv (the same layer and numbers, half the multiply-adds).
+    self.dec1 = nn.Conv(self.width, (3, 3), conv_general_dilated=upsample_conv)
+    self.dec2 = nn.Conv(self.width, (3, 3), conv_general_dilated=upsample_conv)
+    self.dec_out = nn.Conv(self.image_shape[-1], (3, 3), conv_general_dilated=space_to_depth_conv)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """The code (the Gaussian's mean for the variational variant) of each image."""
@@ -69,7 +72,6 @@ class Autoencoder(nn.Module):
     h, w, _ = self.image_shape
     x = nn.elu(self.dec_in(c)).reshape(c.shape[0], h // 4, w // 4, 2 * self.width)
     for layer in (self.dec1, self.dec2):
-      x = jax.image.resize(x, (x.shape[0], x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
       x = nn.elu(layer(x))
     return self.dec_out(x)
 
