@@ -393,6 +393,41 @@ def test_dense_with_custom_dot_general_takes_the_vjp_rule(monkeypatch):
   assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
 
 
+def test_upsampling_conv_takes_the_vjp_rule_and_equals_the_reference(monkeypatch):
+  """A Conv that upsamples its input inside (jaxdp.conv.upsample_conv) must not get the
+  im2col / Gram rules, which would read the low-resolution input as the conv's own: it
+  takes the per-layer vjp, with the reference engine's norms and clipped sum."""
+  from jaxdp.conv import upsample_conv
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.tanh(nn.Conv(3, (3, 3), conv_general_dilated=upsample_conv)(x))
+      return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+  model = Net()
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.standard_normal((6, 4, 4, 2)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 2, 6))}  # fmt: skip
+  params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+
+  def loss_fn(p, ex, _):
+    logits = model.apply({"params": p}, ex["x"][None])[0]
+    return -jax.nn.log_softmax(logits)[ex["y"]]
+
+  first = jax.tree_util.tree_map(lambda x: x[0], batch)
+  monkeypatch.setattr(fast, "_WARNED", set())
+  with pytest.warns(UserWarning, match="its own per-example vjp"):
+    plan = fast.discover(loss_fn, params, first, jax.random.key(0), False)
+  assert [c.rule for c in plan.calls] == ["vjp", "dense"]
+  mask = jnp.array([True] * 5 + [False])
+  rngs = jax.random.split(jax.random.key(1), 6)
+  ref = clipped(reference, loss_fn, params, batch, mask, rngs, 0.5)
+  got = clipped(fast, loss_fn, params, batch, mask, rngs, 0.5)
+  np.testing.assert_allclose(got.per_example_norms, ref.per_example_norms, rtol=1e-5)
+  assert_trees_close(got.sum_of_clipped_grads, ref.sum_of_clipped_grads, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["scan", "scan_broadcast"])
 def test_layers_inside_nn_scan_fall_back_to_vmap_with_a_warning(name):
   """Layers inside a lifted transform cannot be intercepted (their values belong to the
