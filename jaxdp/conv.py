@@ -71,6 +71,19 @@ def space_to_depth(x: jax.Array, strides: Sequence[int]) -> jax.Array:
   return x.transpose(order).reshape((nb, *blocks, -1))
 
 
+def depth_to_space(x: jax.Array, strides: Sequence[int]) -> jax.Array:
+  """(N, *spatial, prod(s) * C) -> (N, *spatial * s, C): the inverse of :func:`space_to_depth`."""
+  n = len(strides)
+  nb, blocks = x.shape[0], x.shape[1:-1]
+  if len(blocks) != n or x.shape[-1] % math.prod(strides):
+    raise ValueError(f"depth_to_space: shape {x.shape} does not split into strides {strides}")
+  x = x.reshape((nb, *blocks, *strides, x.shape[-1] // math.prod(strides)))
+  order = [0, *(i for d in range(n) for i in (1 + d, 1 + n + d)), 2 * n + 1]
+  return x.transpose(order).reshape(
+    (nb, *(b * s for b, s in zip(blocks, strides, strict=True)), -1)
+  )
+
+
 def space_to_depth_kernel(w: jax.Array, strides: Sequence[int]) -> jax.Array:
   """(*k, C_in, C_out) -> (*k/s, prod(s) * C_in, C_out), rows ordered as :func:`space_to_depth`."""
   n = len(strides)
@@ -426,6 +439,7 @@ def upsample_conv(
 __all__ = [
   "applies",
   "conv_general_dilated",
+  "depth_to_space",
   "space_to_depth",
   "space_to_depth_kernel",
   "stack_taps",

@@ -130,6 +130,20 @@ def test_space_to_depth_rejects_sizes_not_a_multiple_of_the_stride():
     conv.space_to_depth(jnp.zeros((1, 5, 4, 1)), (2, 2))
 
 
+@pytest.mark.parametrize("shape, strides", [((2, 6, 4, 3), (2, 2)), ((2, 6, 8, 3), (3, 2)),
+                                            ((2, 6, 5), (3,))])  # fmt: skip
+def test_depth_to_space_inverts_space_to_depth(shape, strides):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+  blocks = conv.space_to_depth(x, strides)
+  # Position (i, j) holds the s_0 x s_1 patch at (s_0 i, s_1 j), rows then columns, channels last.
+  if len(strides) == 2:
+    sy, sx = strides
+    np.testing.assert_array_equal(blocks[:, 1, 1], x[:, sy : 2 * sy, sx : 2 * sx].reshape(2, -1))
+  np.testing.assert_array_equal(conv.depth_to_space(blocks, strides), x)
+  with pytest.raises(ValueError, match="depth_to_space"):
+    conv.depth_to_space(jnp.zeros((1, 2, 2, 5)), (2, 2))
+
+
 def test_flax_conv_takes_it_as_its_conv_function():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 28, 28, 1)), jnp.float32)
   plain = nn.Conv(16, (8, 8), strides=2, padding="SAME", precision="highest")

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdp import _validate
-from jaxdp.conv import conv_general_dilated
+from jaxdp.conv import conv_general_dilated, depth_to_space, space_to_depth
 from jaxdp.models.classifier import activation
 
 __all__ = [
@@ -78,20 +78,6 @@ CONDITIONINGS = ("concat", "product")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def space_to_depth(x: jax.Array) -> jax.Array:
-  """``(B, H, W, C) -> (B, H/2, W/2, 4C)``: each 2x2 patch becomes one position's channels."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h // 2, w // 2, 4 * c)
-
-
-def depth_to_space(x: jax.Array) -> jax.Array:
-  """``(B, H, W, 4C) -> (B, 2H, 2W, C)``, the inverse of :func:`space_to_depth`."""
-  b, h, w, c4 = x.shape
-  x = x.reshape(b, h, w, 2, 2, c4 // 4).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, 2 * h, 2 * w, c4 // 4)
-
-
 class _Encoder(nn.Module):
   """2x2 space-to-depth, stride-2 3x3 convs, Dense layers on [features, one-hot label]."""
 
@@ -104,7 +90,7 @@ class _Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     f = activation(self.act)
-    x = space_to_depth(x)
+    x = space_to_depth(x, (2, 2))
     for w in self.widths:
       x = nn.Conv(w, (3, 3), strides=2, padding="SAME")(x)
       if self.groups:
@@ -148,7 +134,7 @@ class _Decoder(nn.Module):
       # 2x2 sub-pixels of each position; as cheap as a conv can be on a CPU.
       x = nn.Conv(4 * w, (3, 3), padding="SAME", conv_general_dilated=conv_general_dilated)(x)
       if i < len(outs) - 1:
-        x = depth_to_space(x)
+        x = depth_to_space(x, (2, 2))
         if self.groups:
           x = nn.GroupNorm(num_groups=min(self.groups, w))(x)
         x = f(x)
@@ -249,7 +235,7 @@ class ConditionalVAE(nn.Module):
 
   def decode(self, z: jax.Array, labels: jax.Array) -> jax.Array:
     """Decoder output ``(B, H, W, C)``: Bernoulli logits, or Gaussian means in (0, 1)."""
-    out = depth_to_space(self.decoder_net(z, self._one_hot(labels)))
+    out = depth_to_space(self.decoder_net(z, self._one_hot(labels)), (2, 2))
     return out if self.decoder == "bernoulli" else jax.nn.sigmoid(out)
 
   def decoder_log_scale(self) -> jax.Array:
@@ -267,7 +253,7 @@ class ConditionalVAE(nn.Module):
     before its sigmoid). ``pixel_temperature = 1`` gives the decoder mean; below 1 the
     image is sharpened towards 0 / 1, the mean of a tempered Bernoulli.
     """
-    out = depth_to_space(self.decoder_net(z, self._one_hot(labels)))
+    out = depth_to_space(self.decoder_net(z, self._one_hot(labels)), (2, 2))
     return jax.nn.sigmoid(out / pixel_temperature)
 
   def generate(
@@ -302,7 +288,7 @@ class ConditionalVAE(nn.Module):
     log_scale = self.decoder_log_scale() if self.decoder == "gaussian" else None
     return (
       rows(out),
-      rows(space_to_depth(images)),
+      rows(space_to_depth(images, (2, 2))),
       mu,
       logvar,
       self.prior_mean(labels),
