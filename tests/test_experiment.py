@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 from typing import ClassVar
 
 import jax
@@ -181,6 +183,30 @@ def test_public_model_cache_trains_once_and_reads_back_the_same_params(tmp_path)
   (tmp_path / "c" / "m.json").unlink()  # a half-written entry is never read
   _, info3 = tasks.public_model_cache(tmp_path / "c", "m", template, train)
   assert not info3["cached"] and len(calls) == 4
+
+
+def test_public_model_cache_trains_once_for_runs_side_by_side(tmp_path):
+  """Two runs that want the same public model at once (a study's parallel cells): one
+  trains it, the other waits on the lock and reads it back."""
+  from jaxdp.experiment import tasks
+
+  calls, results = [], []
+
+  def train():
+    calls.append(1)
+    time.sleep(0.5)  # the other run asks meanwhile
+    return {"w": np.arange(3.0, dtype=np.float32)}, {"t": 1.0}
+
+  template = lambda: {"w": np.zeros(3, np.float32)}
+  run = lambda: results.append(tasks.public_model_cache(tmp_path / "c", "m", template, train))
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert calls == [1]
+  assert sorted(info["cached"] for _, info in results) == [False, True]
+  np.testing.assert_array_equal(results[0][0]["w"], results[1][0]["w"])
 
 
 def test_time_to_a_held_out_accuracy():

@@ -127,6 +127,49 @@ def test_run_cells_skips_finished_cells_reruns_unfinished_ones_and_names_a_failu
     study.run_cells([cells[0], cells[0]], tmp_path / "s", echo=False)
 
 
+# A cell that says it started, then waits (up to 60 s) until every cell in --wait-for has.
+WAITING = """
+import sys, pathlib, time
+args = sys.argv[1:]
+name, out = args[args.index("--name") + 1], pathlib.Path(args[args.index("--out") + 1])
+marks = pathlib.Path(args[args.index("--marks") + 1])
+(marks / name).write_text("")
+if "--fail" in args:
+  sys.exit(5)
+others = args[args.index("--wait-for") + 1].split(",")
+deadline = time.time() + 60
+while not all((marks / o).exists() for o in others):
+  if time.time() > deadline:
+    sys.exit(4)
+  time.sleep(0.05)
+(out / name).mkdir(parents=True)
+(out / name / "metrics.json").write_text(
+  '{"pipelines": [{"label": "DP", "fid": 1.0}], "privacy": {"ledger": null}}'
+)
+"""
+
+
+def test_run_cells_in_parallel_runs_cells_side_by_side_in_order_and_names_a_failure(tmp_path):
+  script, marks = tmp_path / "waiting.py", tmp_path / "marks"
+  script.write_text(WAITING)
+  marks.mkdir()
+  cell = lambda name, *more: study.Cell(
+    name, str(script), ("--marks", str(marks), "--wait-for", "a,b", *more), {"seed": name}
+  )
+  # a and b each wait for the other: they finish only when both run at once
+  rows = study.run_cells([cell("a"), cell("b")], tmp_path / "s", echo=False, parallel=2)
+  assert [(r["cell"], r["seed"], r["fid"]) for r in rows] == [("a", "a", 1.0), ("b", "b", 1.0)]
+  # a failure is named; cells not yet started when it failed are not started
+  (marks / "a").unlink()
+  (marks / "b").unlink()
+  cells = [cell("x", "--fail"), cell("y", "--fail"), cell("z")]
+  with pytest.raises(study.CellError, match=r"study cell x failed \(exit 5\)"):
+    study.run_cells(cells, tmp_path / "t", echo=False, parallel=1)
+  assert not (marks / "y").exists() and not (marks / "z").exists()
+  with pytest.raises(ValueError, match="parallel must be an integer >= 1"):
+    study.run_cells([cell("a")], tmp_path / "s", echo=False, parallel=0)
+
+
 def test_mode_coverage_sees_collapse_and_a_faithful_copy():
   rng = np.random.default_rng(0)
   ref_labels = np.repeat(np.arange(4), 50)

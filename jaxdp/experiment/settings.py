@@ -239,6 +239,9 @@ class StudySettings(Settings):
   accountant: str = option("pld", "accountant of the study's composed epsilon",
                            choices=accounting.ACCOUNTANTS)  # fmt: skip
   cell_args: str = option("", "flags added to every cell's command, e.g. '--train-size 20000'")
+  parallel: int = option(1, "cells run at once, each its own process (a cell keeps about one "
+                            "CPU core busy: 2 on the 2-core CPU halves the wall time)",
+                         check="positive_int")  # fmt: skip
 
   def cell_flags(self) -> tuple[str, ...]:
     """The flags every cell gets: data, delta, ``cell_args``, and the run settings that

@@ -34,14 +34,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxdp import accounting
+from jaxdp import _validate, accounting
 from jaxdp.experiment.runs import NONDP, RunFolder, format_table
 
 __all__ = [
@@ -94,8 +96,10 @@ def run_cells(
   python: str = sys.executable,
   env: Mapping[str, str] | None = None,
   echo: bool = True,
+  parallel: int = 1,
 ) -> list[dict[str, Any]]:
-  """Runs every cell not yet finished (in order, one process each); returns one row per cell.
+  """Runs every cell not yet finished (one process each, up to ``parallel`` at once);
+  returns one row per cell, in the order of ``cells``.
 
   Args:
     cells: the study's cells (distinct names).
@@ -103,46 +107,66 @@ def run_cells(
     python: the interpreter that runs the scripts.
     env: extra environment variables of the cells' processes.
     echo: print one line per cell (what runs, then its headline numbers).
+    parallel: cells run at once. Each cell is its own run with its own OS noise, so running
+      them side by side changes no number and no privacy. On the 2-core CPU two DP-GAN cells
+      side by side took 1218-1239 s each, one alone 1229 s: a cell keeps about one core
+      busy, so two at once halve a study's wall time there. With more
+      than one, the cells' JAX does not pre-allocate accelerator memory (they share it).
 
   Returns:
     :func:`read_cell` of each cell, with ``tags`` merged in and ``process_time_s``.
 
   Raises:
-    CellError: a cell's script failed; the message names the cell and its log.
+    CellError: a cell's script failed; the message names the (first such) cell and its log.
+      Cells not yet started are not started; those running are waited for.
   """
   names = [c.name for c in cells]
   if len(set(names)) != len(names):
     raise ValueError(f"cell names must be distinct, got {names}")
+  parallel = _validate.positive_int("parallel", parallel)
   cells_dir, logs = folder / "cells", folder / NONDP / "logs"
   logs.mkdir(parents=True, exist_ok=True)
-  rows = []
-  for i, cell in enumerate(cells, 1):
+  env = {**os.environ, **(env or {})}
+  if parallel > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  failed = threading.Event()
+
+  def run_one(i: int, cell: Cell) -> None:
     run_dir = cells_dir / cell.name
-    marker = run_dir / CELL_FILE
-    if not marker.is_file():
-      shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell runs again from scratch
-      command = cell.command(cells_dir, python)
-      if echo:
-        print(f"[{i}/{len(cells)}] {cell.name}: {' '.join(command[1:])}", flush=True)
-      t0 = time.perf_counter()
-      with (logs / f"{cell.name}.log").open("w") as log:
-        proc = subprocess.run(
-          command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
-        )
-      if proc.returncode != 0:
-        raise CellError(
-          f"study cell {cell.name} failed (exit {proc.returncode}); see {logs / cell.name}.log"
-        )
-      info = {"command": command[1:], "tags": dict(cell.tags),
-              "process_time_s": time.perf_counter() - t0}  # fmt: skip
-      marker.write_text(json.dumps(info, indent=2) + "\n")
-    info = json.loads(marker.read_text())
+    if (run_dir / CELL_FILE).is_file() or failed.is_set():
+      return
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell runs again from scratch
+    command = cell.command(cells_dir, python)
+    if echo:
+      print(f"[{i}/{len(cells)}] {cell.name}: {' '.join(command[1:])}", flush=True)
+    t0 = time.perf_counter()
+    with (logs / f"{cell.name}.log").open("w") as log:
+      proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+      failed.set()
+      raise CellError(
+        f"study cell {cell.name} failed (exit {proc.returncode}); see {logs / cell.name}.log"
+      )
+    info = {"command": command[1:], "tags": dict(cell.tags),
+            "process_time_s": time.perf_counter() - t0}  # fmt: skip
+    (run_dir / CELL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if echo:
+      row = read_cell(run_dir)
+      shown = {k: row.get(k) for k in ("test_accuracy", "validation_accuracy", "fid", "epsilon")}
+      print(f"      {cell.name} done in {info['process_time_s']:.0f} s: {_short(shown)}",
+            flush=True)  # fmt: skip
+
+  with ThreadPoolExecutor(max_workers=parallel) as pool:
+    futures = [pool.submit(run_one, i, cell) for i, cell in enumerate(cells, 1)]
+  for future in futures:  # the first failure in cell order
+    future.result()
+  rows = []
+  for cell in cells:
+    run_dir = cells_dir / cell.name
+    info = json.loads((run_dir / CELL_FILE).read_text())
     row = {"cell": cell.name, **cell.tags, **read_cell(run_dir)}
     row["process_time_s"] = info["process_time_s"]
     rows.append(row)
-    if echo:
-      shown = {k: row.get(k) for k in ("test_accuracy", "validation_accuracy", "fid", "epsilon")}
-      print(f"      done in {info['process_time_s']:.0f} s: {_short(shown)}", flush=True)
   return rows
 
 

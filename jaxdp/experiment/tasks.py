@@ -12,6 +12,7 @@ non-DP diagnostics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +29,11 @@ import jax
 import numpy as np
 import optax
 from flax import serialization
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: no lock between runs side by side
+  fcntl = None
 
 from jaxdp import _validate, accounting, data, optim, parallel, synth
 from jaxdp.experiment.cli import UsageError, flag, usage_errors
@@ -1199,20 +1205,35 @@ def public_model_cache(
   Returns:
     ``(params, info)``, ``info["cached"]`` saying whether they were read back.
   """
-  weights, meta = (cache / f"{tag}.msgpack", cache / f"{tag}.json") if cache else (None, None)
-  if weights is not None and weights.is_file() and meta.is_file():
-    params = serialization.from_bytes(template(), weights.read_bytes())
-    return params, {**json.loads(meta.read_text()), "cached": True}
-  params, info = train()
-  if cache is not None:
-    cache.mkdir(parents=True, exist_ok=True)
+  if cache is None:
+    params, info = train()
+    return params, {**info, "cached": False}
+  weights, meta = cache / f"{tag}.msgpack", cache / f"{tag}.json"
+  cache.mkdir(parents=True, exist_ok=True)
+  # Locked, so that runs side by side (a study's parallel cells) train the model once: the
+  # second waits, then reads it back.
+  with _file_lock(cache / f"{tag}.lock"):
+    if weights.is_file() and meta.is_file():
+      params = serialization.from_bytes(template(), weights.read_bytes())
+      return params, {**json.loads(meta.read_text()), "cached": True}
+    params, info = train()
     # Written through temporaries so that a killed run never leaves a half-written model.
     for path, payload in ((weights, serialization.to_bytes(params)),
                           (meta, (json.dumps(info) + "\n").encode())):  # fmt: skip
-      tmp = path.with_name(path.name + ".tmp")
+      tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
       tmp.write_bytes(payload)
       tmp.replace(path)
   return params, {**info, "cached": False}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+  """An exclusive advisory lock on ``path`` between processes (``fcntl.flock``; a no-op
+  where there is no ``fcntl``). Released when the file is closed, also when a process dies."""
+  with path.open("a") as handle:
+    if fcntl is not None:
+      fcntl.flock(handle, fcntl.LOCK_EX)
+    yield
 
 
 def run_feature_network(
