@@ -2,7 +2,8 @@
 
 A study is a list of :class:`Cell` s, each one experiment script with its own flags (a
 generator at an epsilon and a seed; a classifier at one clip norm). :func:`run_cells` runs
-them one after another, each in its own process and its own complete run folder::
+them (one after another, or ``parallel`` at once), each in its own process and its own
+complete run folder::
 
     <study folder>/
       config.json, metrics.json     the study's settings; its rows and summary, and the
