@@ -214,6 +214,7 @@ class RunFolder:
     "name",
     "out",
     "tensorboard",
+    "parallel",  # a study's cells side by side: each cell is its own run either way
     # How the steps run: the same mechanism, the same numbers up to float summation order.
     "devices",
     "microbatch_size",
