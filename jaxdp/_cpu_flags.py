@@ -24,8 +24,9 @@ Two process-level settings and one per-compilation option, each measured on the 
   runs on one thread; the fast engine's per-example weight gradients are batched dots, which
   oneDNN runs about 2x faster. Whole private step, same process: TF-Privacy CNN 1.21x faster
   at batch 256 (20.1 -> 16.6 ms) and 1.09x at 1024; ScatterNet CNN 1.08x, DP-CNN 1.06x,
-  VAE 1.04x at 256 and 1.13x at 1024; the reference (vmap) engine on the TF-Privacy CNN
-  1.18x. It only goes to a program with batched dots (:func:`has_batched_dot`): plain 2-D
+  VAE 1.04x at 256 and 1.13x at 1024. Not to the reference (vmap) engine (1.18x on the
+  TF-Privacy CNN): its WGAN-GP critic step corrupted the heap with it. It only goes to a
+  program with batched dots (:func:`has_batched_dot`): plain 2-D
   dots run slower through oneDNN than through XLA's own kernels, 1.2x for the whole private
   MLP step (fast engine, dense layers only: no batched dot) and for the non-private MLP and
   VAE steps (1.26x and 1.17x); the CNNs' non-private steps are unchanged. Not process-wide:
