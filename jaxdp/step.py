@@ -141,12 +141,11 @@ class Step(PrivateGradient):
     self.optimizer = optimizer
     self.trace_count = 0  # how many times the fused step was traced (compiled)
     # The private step's per-example dots run faster through oneDNN on the CPU (see
-    # jaxdp/_cpu_flags.py); the non-private step is left to XLA's defaults, and so is the
-    # reference engine's: with the option, the WGAN-GP critic's step (reference engine,
-    # a gradient of the penalty's gradient) corrupted the heap (jaxlib 0.10.2: "malloc():
-    # unaligned tcache chunk", a segfault or a hang, in most runs).
-    reference = privacy is not None and privacy.engine == "reference"
-    options = None if privacy is None or reference else _cpu_flags.private_step_options()
+    # jaxdp/_cpu_flags.py). Only the fast engine's: the non-private step is left to XLA's
+    # defaults, and so is the reference engine's (also where "auto" resolves to it): with
+    # the option the WGAN-GP critic's step (a gradient of the penalty's gradient) corrupted
+    # the heap (jaxlib 0.10.2: "malloc(): unaligned tcache chunk", a segfault or a hang).
+    options = _cpu_flags.private_step_options() if self.engine == "fast" else None
     self._fused = _Jit(self._fused_impl, options)
     self._chunk = _Jit(self._chunk_impl, options)
     self._finish = _Jit(self._finish_impl, options)

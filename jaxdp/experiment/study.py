@@ -110,9 +110,9 @@ def run_cells(
     echo: print one line per cell (what runs, then its headline numbers).
     parallel: cells run at once. Each cell is its own run with its own OS noise, so running
       them side by side changes no number and no privacy. On the 2-core CPU two DP-GAN cells
-      side by side took 1218-1239 s each, one alone 1229 s: a cell keeps about one core
-      busy, so two at once halve a study's wall time there. With more
-      than one, the cells' JAX does not pre-allocate accelerator memory (they share it).
+      side by side took 1215-1264 s each, an earlier one alone 1229 s: a cell keeps about
+      one core busy, so two at once halve a study's wall time there. With more than one,
+      the cells' JAX does not pre-allocate accelerator memory (they share it).
 
   Returns:
     :func:`read_cell` of each cell, with ``tags`` merged in and ``process_time_s``.
