@@ -578,67 +578,56 @@ def _conv_patches(ci: _ConvInput, b: int) -> jax.Array:
   return patches.reshape(b, -1, int(np.prod(ci.taps)), x.shape[-1])
 
 
-def _tap_positions(ci: _ConvInput, b: int) -> np.ndarray:
-  """(L*T, K): for each output position of an example and each tap, the flat position
-  (over the example's L leading items and the spatial axes of ``ci.x``) that it reads."""
-  n = len(ci.taps)
-  spatial = ci.x.shape[1:-1]
-  flat = np.zeros((*ci.out, *ci.taps), np.int64)
-  for i in range(n):
-    pos = np.arange(ci.out[i]) * ci.step[i]
-    tap = np.arange(ci.taps[i]) * ci.tap_step[i]
-    index = pos.reshape([-1 if j == i else 1 for j in range(2 * n)]) + tap.reshape(
-      [-1 if j == n + i else 1 for j in range(2 * n)]
-    )
-    flat = flat + index * int(np.prod(spatial[i + 1 :]))
-  flat = flat.reshape(int(np.prod(ci.out)), int(np.prod(ci.taps)))
-  items = ci.x.shape[0] // b
-  size = int(np.prod(spatial))
-  return (np.arange(items)[:, None, None] * size + flat[None]).reshape(-1, flat.shape[1])
-
-
 def _conv_gram_sq_norm(ci: _ConvInput, g_rows: jax.Array) -> jax.Array:
   """Per-example ghost norm of a conv's weight gradient from the Gram matrix of its input.
 
   With patches ``a_t = (x[q(t, k)])_k`` (q(t, k): the position that tap k of output t
   reads), ``a_t . a_s = sum_k G[q(t, k), q(s, k)]`` where ``G = x x^T`` is the Gram matrix of
-  the example's input positions. Costs P^2 C + T^2 (K + p) per example for P input
-  positions of C channels, and needs no patches. Where the input is only padded (no
-  space-to-depth rewrite), ``G`` is taken over the unpadded positions (padding adds zero
-  rows and columns: a 3x3 SAME conv on 7x7 maps has 49 positions instead of 81, 2.7x fewer
-  multiply-adds) and the tap sum is one strided slice of the zero-padded ``G`` per tap.
-  """
-  b = g_rows.shape[0]
-  gg = _row_gram(g_rows)
-  if ci.raw is not None:
-    return jnp.sum(_gram_tap_sum(ci, b) * gg, axis=(1, 2))
-  q = _tap_positions(ci, b)
-  gram = _row_gram(ci.x.reshape(b, -1, ci.x.shape[-1]))
-  aa = sum(gram[:, q[:, k][:, None], q[:, k][None, :]] for k in range(q.shape[1]))
-  return jnp.sum(aa * gg, axis=(1, 2))
+  the example's input positions, and ``||sum_t a_t^T g_t||^2 = sum_{t,s} (a_t . a_s)
+  (g_t . g_s)``. Costs P^2 C + T^2 (K + p) per example for P input positions of C channels,
+  and needs no patches. Where the input is only padded (no space-to-depth rewrite), ``G``
+  is taken over the unpadded positions (padding adds zero rows and columns: a 3x3 SAME conv
+  on 7x7 maps has 49 positions instead of 81, 2.7x fewer multiply-adds)."""
+  return jnp.sum(_gram_tap_sum(ci, g_rows.shape[0]) * _row_gram(g_rows), axis=(1, 2))
 
 
 def _gram_tap_sum(ci: _ConvInput, b: int) -> jax.Array:
-  """``(B, L*T, L*T)`` patch inner products ``a_t . a_s`` from the Gram matrix of the
-  unpadded input ``ci.raw``: zero-padded as the layer pads, then summed over the taps as
-  strided slices, the output positions of both sides shifted by the same tap."""
-  raw = ci.raw
-  c = raw.shape[-1]
-  spatial = raw.shape[1:-1]
-  items = raw.shape[0] // b
-  gram = _row_gram(raw.reshape(b, -1, c)).reshape(b, items, *spatial, items, *spatial)
-  side = [(0, 0), *ci.pads]
-  gram = jnp.pad(gram, [(0, 0), *side, *side])
-  total = None
-  for k in np.ndindex(*ci.taps):
-    axes = [
-      slice(ki * ts, ki * ts + (o - 1) * st + 1, st)
-      for ki, ts, o, st in zip(k, ci.tap_step, ci.out, ci.step, strict=True)
-    ]
-    part = gram[(slice(None), slice(None), *axes, slice(None), *axes)]
-    total = part if total is None else total + part
+  """``(B, L*T, L*T)`` patch inner products ``a_t . a_s``, summed over the taps from the
+  Gram matrix of the conv's input (the unpadded ``ci.raw``, zero-padded as the layer pads,
+  where there is one; else ``ci.x``).
+
+  On the grid of the N (padded) positions of an example, tap ``k`` moves both positions by
+  the same flat offset ``d_k``, so on the flattened ``N x N`` matrix it is one shift by
+  ``d_k (N + 1)``: the tap sum is a sum of contiguous 1-D slices, then one (strided) crop
+  to the output positions, which XLA fuses into one loop. Taken as a strided slice of the
+  2n-D matrix per tap it made one copy per tap (ScatterNet CNN, whole private step on the
+  2-core CPU, interleaved in one process, medians: 23.2 -> 21.6 ms at batch 256, 121 -> 111
+  ms at 1024), and as a gather per tap (space-to-depth convs) slower still."""
+  x, pads = (ci.x, None) if ci.raw is None else (ci.raw, ci.pads)
+  spatial = x.shape[1:-1]
+  items = x.shape[0] // b
+  gram = _row_gram(x.reshape(b, -1, x.shape[-1])).reshape(b, items, *spatial, items, *spatial)
+  if pads is not None:
+    side = [(0, 0), *pads]
+    gram = jnp.pad(gram, [(0, 0), *side, *side])
+  grid = gram.shape[1 : 2 + len(spatial)]  # (L, padded spatial...)
+  n = int(np.prod(grid))
+  place = [int(np.prod(grid[i + 1 :])) for i in range(len(grid))]
+  shifts = [
+    (n + 1) * sum(ki * ts * w for ki, ts, w in zip(k, ci.tap_step, place[1:], strict=True))
+    for k in np.ndindex(*ci.taps)
+  ]
+  length = n * n - max(shifts)
+  flat = gram.reshape(b, n * n)
+  total = sum(
+    (flat[:, d : d + length] for d in shifts[1:]), flat[:, shifts[0] : shifts[0] + length]
+  )
+  total = jnp.pad(total, [(0, 0), (0, n * n - length)]).reshape(b, *grid, *grid)
+  outs = [slice(None)] + [
+    slice(0, (o - 1) * st + 1, st) for o, st in zip(ci.out, ci.step, strict=True)
+  ]
   t = items * int(np.prod(ci.out))
-  return total.reshape(b, t, t)
+  return total[(slice(None), *outs, *outs)].reshape(b, t, t)
 
 
 # Per-example weight gradients of a layer are kept (and reused for the clipped sum) while
@@ -648,6 +637,9 @@ MATERIALIZE_ELEMENTS = 1 << 26
 # takes the Gram-matrix norm while that costs at most GRAM_MAX_MACS_RATIO of materialising.
 GRAM_MIN_ELEMENTS = 3 << 14
 GRAM_MAX_MACS_RATIO = 0.6
+# A conv with at most this many output positions per example takes the Gram norm on the
+# same cost ratio whatever its size: materialising is then a batched dot of that depth.
+GRAM_MAX_SMALL_POSITIONS = 16
 
 
 class _Kept(NamedTuple):
@@ -671,8 +663,9 @@ def _outer_rule(b: int, t: int, d: int, p: int, gram_macs: int | None = None) ->
   nor per-example gradients and leaves the sum to the layer's own weight gradient at the
   re-weighted output gradients (about T*d*p again).
 
-  The rule: a conv with big patches and gradients (T*d + d*p >= ``GRAM_MIN_ELEMENTS``) takes
-  the Gram norm when it costs at most ``GRAM_MAX_MACS_RATIO`` of materialising; otherwise
+  The rule: a conv with big patches and gradients (T*d + d*p >= ``GRAM_MIN_ELEMENTS``), or
+  with few output positions (T <= ``GRAM_MAX_SMALL_POSITIONS``), takes the Gram norm when it
+  costs at most ``GRAM_MAX_MACS_RATIO`` of materialising; otherwise
   materialise whenever the per-example gradients fit in memory, and beyond that take the
   cheapest norm. Measured on the 2-core CPU, whole private step, Gram norm on one layer
   against materialising it (interleaved runs in one process): ScatterNet CNN first conv
@@ -680,13 +673,19 @@ def _outer_rule(b: int, t: int, d: int, p: int, gram_macs: int | None = None) ->
   at 1024; layers with smaller patches were slower inside their models although the same
   layer alone was faster (TF-Privacy CNN second conv, 15k, 0.51x: 1.09x slower; DP-CNN third
   conv, 33k, 0.43x: 1.05x slower); a lone 3x3 conv on 9x9x64 (65k, 0.81x) 1.05x slower.
+  With the tap sum as 1-D slices (:func:`_gram_tap_sum`), whole private steps at batch 256
+  (interleaved, medians; the size threshold lowered to 8k entries against as is): ScatterNet
+  CNN second conv (T = 9, 12k entries, 0.28x) 1.06x faster at batch 256 and at 1024; TF-Privacy
+  CNN second conv (T = 25) 1.00x; DP-CNN third conv (T = 49) 1.02x slower. Materialising
+  contracts over the T positions, and XLA's CPU batched dot is least efficient at small
+  depth: hence the small-T exception rather than a lower size threshold.
   """
   if t == 1:
     return "t1"
   ghost, materialize = t * t * (d + p), t * d * p
   if (
     gram_macs is not None
-    and t * d + d * p >= GRAM_MIN_ELEMENTS
+    and (t * d + d * p >= GRAM_MIN_ELEMENTS or t <= GRAM_MAX_SMALL_POSITIONS)
     and gram_macs <= GRAM_MAX_MACS_RATIO * materialize
   ):
     return "gram"
