@@ -491,8 +491,8 @@ def test_norm_rule_choice(monkeypatch):
 )
 def test_gram_norm_without_padding_positions(kernel, padding, strides, dilation, lead):
   # The Gram matrix of the unpadded input, zero-padded and then summed over the taps, gives
-  # the same norms as the Gram matrix of the padded input, and both the materialised
-  # definition's.
+  # the same norms as the Gram matrix of the padded input; both equal the materialised
+  # definition, as does a space-to-depth conv's.
   import dataclasses
 
   import flax.linen as nn

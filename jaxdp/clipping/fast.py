@@ -602,7 +602,8 @@ def _gram_tap_sum(ci: _ConvInput, b: int) -> jax.Array:
   to the output positions, which XLA fuses into one loop. Taken as a strided slice of the
   2n-D matrix per tap it made one copy per tap (ScatterNet CNN, whole private step on the
   2-core CPU, interleaved in one process, medians: 23.2 -> 21.6 ms at batch 256, 121 -> 111
-  ms at 1024), and as a gather per tap (space-to-depth convs) slower still."""
+  ms at 1024); space-to-depth convs, which gathered the Gram matrix per tap, take the same
+  form."""
   x, pads = (ci.x, None) if ci.raw is None else (ci.raw, ci.pads)
   spatial = x.shape[1:-1]
   items = x.shape[0] // b
@@ -673,10 +674,11 @@ def _outer_rule(b: int, t: int, d: int, p: int, gram_macs: int | None = None) ->
   at 1024; layers with smaller patches were slower inside their models although the same
   layer alone was faster (TF-Privacy CNN second conv, 15k, 0.51x: 1.09x slower; DP-CNN third
   conv, 33k, 0.43x: 1.05x slower); a lone 3x3 conv on 9x9x64 (65k, 0.81x) 1.05x slower.
-  With the tap sum as 1-D slices (:func:`_gram_tap_sum`), whole private steps at batch 256
-  (interleaved, medians; the size threshold lowered to 8k entries against as is): ScatterNet
-  CNN second conv (T = 9, 12k entries, 0.28x) 1.06x faster at batch 256 and at 1024; TF-Privacy
-  CNN second conv (T = 25) 1.00x; DP-CNN third conv (T = 49) 1.02x slower. Materialising
+  Re-measured once the tap sum became 1-D slices (:func:`_gram_tap_sum`): whole private
+  steps, interleaved in one process, medians, with the size threshold lowered to 8k entries
+  against the rule as it was: ScatterNet CNN second conv (T = 9, 12k entries, 0.28x) 1.06x
+  faster at batch 256 and at 1024; TF-Privacy CNN second conv (T = 25) 1.00x; DP-CNN third
+  conv (T = 49) 1.02x slower. Materialising
   contracts over the T positions, and XLA's CPU batched dot is least efficient at small
   depth: hence the small-T exception rather than a lower size threshold.
   """
