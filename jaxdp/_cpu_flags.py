@@ -26,13 +26,12 @@ Two process-level settings and one per-compilation option, each measured on the 
   at batch 256 (20.1 -> 16.6 ms) and 1.09x at 1024; ScatterNet CNN 1.08x, DP-CNN 1.06x,
   VAE 1.04x at 256 and 1.13x at 1024. Not to the reference (vmap) engine (1.18x on the
   TF-Privacy CNN): its WGAN-GP critic step corrupted the heap with it. It only goes to a
-  program with batched dots (:func:`has_batched_dot`): plain 2-D
-  dots run slower through oneDNN than through XLA's own kernels, 1.2x for the whole private
-  MLP step (fast engine, dense layers only: no batched dot) and for the non-private MLP and
-  VAE steps (1.26x and 1.17x); the CNNs' non-private steps are unchanged. Not process-wide:
-  the same option with dots fused to their elementwise neighbours (``DOT``) aborts the
-  process with "partition compile failed" on the TF-Privacy CNN's non-private step at
-  batch 1024.
+  program with batched dots (:func:`has_batched_dot`): plain 2-D dots run slower through
+  oneDNN than through XLA's own kernels, 1.2x for the whole private MLP step (fast engine,
+  dense layers only: no batched dot) and for the non-private MLP and VAE steps (1.26x and
+  1.17x); the CNNs' non-private steps are unchanged. Not process-wide: the same option with
+  dots fused to their elementwise neighbours (``DOT``) aborts the process with "partition
+  compile failed" on the TF-Privacy CNN's non-private step at batch 1024.
 """
 
 from __future__ import annotations

@@ -666,21 +666,20 @@ def _outer_rule(b: int, t: int, d: int, p: int, gram_macs: int | None = None) ->
 
   The rule: a conv with big patches and gradients (T*d + d*p >= ``GRAM_MIN_ELEMENTS``), or
   with few output positions (T <= ``GRAM_MAX_SMALL_POSITIONS``), takes the Gram norm when it
-  costs at most ``GRAM_MAX_MACS_RATIO`` of materialising; otherwise
-  materialise whenever the per-example gradients fit in memory, and beyond that take the
-  cheapest norm. Measured on the 2-core CPU, whole private step, Gram norm on one layer
-  against materialising it (interleaved runs in one process): ScatterNet CNN first conv
-  (T*d + d*p = 59k entries, Gram 0.55x the multiply-adds) 1.16x faster at batch 256, 1.08x
-  at 1024; layers with smaller patches were slower inside their models although the same
-  layer alone was faster (TF-Privacy CNN second conv, 15k, 0.51x: 1.09x slower; DP-CNN third
-  conv, 33k, 0.43x: 1.05x slower); a lone 3x3 conv on 9x9x64 (65k, 0.81x) 1.05x slower.
-  Re-measured once the tap sum became 1-D slices (:func:`_gram_tap_sum`): whole private
-  steps, interleaved in one process, medians, with the size threshold lowered to 8k entries
-  against the rule as it was: ScatterNet CNN second conv (T = 9, 12k entries, 0.28x) 1.06x
-  faster at batch 256 and at 1024; TF-Privacy CNN second conv (T = 25) 1.00x; DP-CNN third
-  conv (T = 49) 1.02x slower. Materialising
-  contracts over the T positions, and XLA's CPU batched dot is least efficient at small
-  depth: hence the small-T exception rather than a lower size threshold.
+  costs at most ``GRAM_MAX_MACS_RATIO`` of materialising; otherwise materialise whenever the
+  per-example gradients fit in memory, and beyond that take the cheapest norm. Measured on
+  the 2-core CPU, whole private step, Gram norm on one layer against materialising it
+  (interleaved runs in one process): ScatterNet CNN first conv (T*d + d*p = 59k entries,
+  Gram 0.55x the multiply-adds) 1.16x faster at batch 256, 1.08x at 1024; layers with
+  smaller patches were slower inside their models although the same layer alone was faster
+  (TF-Privacy CNN second conv, 15k, 0.51x: 1.09x slower; DP-CNN third conv, 33k, 0.43x:
+  1.05x slower); a lone 3x3 conv on 9x9x64 (65k, 0.81x) 1.05x slower. Re-measured once the
+  tap sum became 1-D slices (:func:`_gram_tap_sum`): whole private steps, interleaved in one
+  process, medians, with the size threshold lowered to 8k entries against the rule as it
+  was: ScatterNet CNN second conv (T = 9, 12k entries, 0.28x) 1.06x faster at batch 256 and
+  at 1024; TF-Privacy CNN second conv (T = 25) 1.00x; DP-CNN third conv (T = 49) 1.02x
+  slower. Materialising contracts over the T positions, and XLA's CPU batched dot is least
+  efficient at small depth: hence the small-T exception rather than a lower size threshold.
   """
   if t == 1:
     return "t1"
