@@ -5,7 +5,7 @@ synthetic MNIST to train on.
     python experiments/dp_gan_synth.py --quick                  # a smoke run, minutes on a CPU
     python experiments/dp_gan_synth.py --epsilons 0.8,3,8       # one grid per epsilon
     python experiments/dp_gan_synth.py --loss wasserstein       # WGAN-GP
-    python experiments/dp_gan_synth.py --loss wasserstein --gradient-penalty 0 --weight-clip 0.01
+    python experiments/dp_gan_synth.py --loss wasserstein --gradient-penalty 0 --weight-clip 0.2
     python experiments/dp_gan_synth.py --public-pretrain-epochs 200  # start from the public split
 
 For each privacy level: (1) class proportions (balanced, or ``--dp-label-counts``); (2) the
@@ -98,7 +98,9 @@ def run(cfg: Config) -> dict[str, Any]:
   private, k = splits.private, splits.num_classes
   n = len(private)
   generator = gan.ImageGenerator(private.image_shape, k, cfg.latent_dim, cfg.generator_width)
-  critic = gan.ImageCritic(k, cfg.critic_width, cfg.critic_activation, cfg.critic_hidden)
+  critic = gan.ImageCritic(
+    k, cfg.critic_width, cfg.critic_activation, cfg.critic_hidden, gan.class_bias_for(cfg.loss)
+  )
   key = jax.random.key(cfg.seed)  # public: initialisation
   z, y = np.zeros((1, cfg.latent_dim), np.float32), np.zeros((1,), np.int32)
   try:

@@ -256,7 +256,7 @@ def train_generator(
 
     return trained, sample, trained.params
   g = gan.VectorGenerator(cfg.code_dim, k, cfg.latent_dim, cfg.hidden)
-  critic = gan.VectorCritic(k, cfg.hidden, cfg.critic_activation)
+  critic = gan.VectorCritic(k, cfg.hidden, cfg.critic_activation, gan.class_bias_for(cfg.loss))
   start = (
     jax.jit(critic.init)(key, code)["params"],
     jax.jit(g.init)(key, jnp.zeros((1, cfg.latent_dim)), y)["params"],

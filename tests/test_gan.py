@@ -204,6 +204,25 @@ def test_weight_clipping_keeps_the_critic_in_its_box(tiny):
     optim.clip_weights(0.0)
 
 
+def test_the_wgan_critic_has_no_class_bias_whose_label_noise_would_take_the_clip_budget(tiny):
+  _, d, _, params, data, rows = tiny
+  ex = {k: v[0] for k, v in {**data, **rows}.items()}
+  ex["fake_label"] = (ex["label"] + 1) % 5  # the pair's labels differ
+  grads, _ = jax.grad(gan.critic_loss(d), has_aux=True)(params, ex, jax.random.key(0))
+  # With a class bias the WGAN pair loss moves it by e_y~ - e_y, whatever the images.
+  bias = np.zeros(5)
+  bias[int(ex["fake_label"])], bias[int(ex["label"])] = 1.0, -1.0
+  np.testing.assert_allclose(grads["Dense_1"]["bias"], bias, atol=1e-6)
+  assert gan.class_bias_for("wasserstein") is False and gan.class_bias_for("logistic") is True
+  with pytest.raises(ValueError, match="loss"):
+    gan.class_bias_for("hinge")
+  for critic, x in ((gan.ImageCritic(5, 4, class_bias=False), jnp.zeros((1, 12, 12, 1))),
+                    (gan.VectorCritic(5, (8,), class_bias=False), jnp.zeros((1, 6)))):  # fmt: skip
+    p = critic.init(jax.random.key(0), x)["params"]
+    last = sorted(p)[-1]
+    assert "bias" not in p[last] and "bias" in p[sorted(p)[0]]
+
+
 def test_config_json_records_the_gradient_penalty_as_resolved_by_the_loss():
   config = load_script(SCRIPT).Config
   assert config().derived() == {"gradient_penalty_resolved": 0.0}  # logistic: no penalty
