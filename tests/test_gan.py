@@ -247,15 +247,24 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path,
     return train_on_synthetic(label, synthetic, *a, **k)
 
   monkeypatch.setattr(tasks, "train_on_synthetic", spy_downstream)
+  critics, fit_gan = [], tasks.fit_gan
+
+  def spy_gan(label, generator, critic, *a, **k):
+    critics.append(critic)
+    return fit_gan(label, generator, critic, *a, **k)
+
+  monkeypatch.setattr(tasks, "fit_gan", spy_gan)
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
   flags += ["--generator-width", "8", "--critic-width", "4", "--latent-dim", "8"]
   flags += ["--classifier-epochs", "1", "--feature-epochs", "1", "--gradient-penalty", "0"]
   flags += ["--weight-clip", "0.05", "--generator-ema", "0.9", "--critic-hidden", "0"]
-  flags += ["--mode-seeking", "1", "--public-pretrain-epochs", "1"]
+  flags += ["--mode-seeking", "1", "--public-pretrain-epochs", "1", "--loss", "wasserstein"]
   flags += ["--out", str(tmp_path), "--name", "g"]
   metrics = exp.main(flags)
+  # The DP-WGAN (weight clipping): its critic is built without the per-class score bias.
+  assert [c.class_bias for c in critics] == [False]
   out = tmp_path / "g"
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png",
                "plots/generator_loss.png"):  # fmt: skip
@@ -281,8 +290,8 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path,
   # The public pretraining (critic and generator, no noise) saw exactly the public partition,
   # and cost nothing: the ledger above holds the critic's private steps alone.
   public = splits.load_splits("synthetic", validation_size=300, public_size=300, train_size=800)
-  np.testing.assert_array_equal(seen["GAN public pretraining"], public.public.images)
-  assert [label for label in seen if "pretraining" in label] == ["GAN public pretraining"]
+  assert [label for label in seen if "pretraining" in label] == ["WGAN public pretraining"]
+  np.testing.assert_array_equal(seen["WGAN public pretraining"], public.public.images)
   np.testing.assert_array_equal(seen[p["label"]], public.private.images)
   # Beside it, the classifier trained on the public partition alone (the honest baseline).
   baseline = metrics["public_only_baseline"]

@@ -120,6 +120,13 @@ def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_o
     return fit(label, loss_fn, params, train_data, *args, **kwargs)
 
   monkeypatch.setattr(tasks, "fit", spy)
+  critics, fit_gan = [], tasks.fit_gan
+
+  def spy_gan(label, generator, critic, *args, **kwargs):
+    critics.append(critic)
+    return fit_gan(label, generator, critic, *args, **kwargs)
+
+  monkeypatch.setattr(tasks, "fit_gan", spy_gan)
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--ae-epochs", "2", "--batch-size", "200", "--num-samples", "500"]
@@ -127,6 +134,8 @@ def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_o
   flags += ["--hidden", "32", "--out", str(tmp_path), "--name", "g", "--generator", "gan"]
   flags += ["--public-pretrain-epochs", "1", "--critic-steps", "2"]
   metrics = exp.main(flags)
+  # The logistic loss keeps the per-class score bias: each class's real-vs-fake log-odds.
+  assert [c.class_bias for c in critics] == [True]
   (p,) = metrics["pipelines"]
   critic = p["generator"]
   assert critic["steps"] == 2 * round(1 / critic["sampling_prob"]) == 8
