@@ -219,8 +219,8 @@ def test_the_wgan_critic_has_no_class_bias_whose_label_noise_would_take_the_clip
   for critic, x in ((gan.ImageCritic(5, 4, class_bias=False), jnp.zeros((1, 12, 12, 1))),
                     (gan.VectorCritic(5, (8,), class_bias=False), jnp.zeros((1, 6)))):  # fmt: skip
     p = critic.init(jax.random.key(0), x)["params"]
-    last = sorted(p)[-1]
-    assert "bias" not in p[last] and "bias" in p[sorted(p)[0]]
+    (scores,) = [name for name in p if p[name]["kernel"].shape[-1] == 5]  # the score layer
+    assert "bias" not in p[scores] and all("bias" in p[n] for n in p if n != scores)
 
 
 def test_config_json_records_the_gradient_penalty_as_resolved_by_the_loss():
