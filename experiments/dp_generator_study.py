@@ -100,7 +100,7 @@ def cells(cfg: Config) -> list[study.Cell]:
 def run(cfg: Config) -> dict[str, Any]:
   """Runs (or resumes) the study, writes its folder and returns its metrics."""
   out = RunFolder.start(cfg, "quick" if cfg.quick else "study")
-  rows = study.run_cells(cells(cfg), out.path, parallel=cfg.parallel)
+  rows = study.run_cells(cells(cfg), out.path, parallel=cfg.parallel, reuse=cfg.reuse)
   by = ("generator", "epsilon_target")
   utility = "test_accuracy" if cfg.test else "validation_accuracy"
   summary, reference = study.release(

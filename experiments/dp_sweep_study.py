@@ -108,7 +108,7 @@ def cells(cfg: Config) -> list[study.Cell]:
 def run(cfg: Config) -> dict[str, Any]:
   """Runs (or resumes) the sweep, writes its folder and returns its metrics."""
   out = RunFolder.start(cfg, f"{cfg.sweep}-quick" if cfg.quick else cfg.sweep)
-  rows = study.run_cells(cells(cfg), out.path, parallel=cfg.parallel)
+  rows = study.run_cells(cells(cfg), out.path, parallel=cfg.parallel, reuse=cfg.reuse)
   by = ("model", cfg.sweep)
   summary, _ = study.release(
     out, rows, by=by, values=VALUES, utility="validation_accuracy", info={"sweep": cfg.sweep}

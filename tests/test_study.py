@@ -127,6 +127,33 @@ def test_run_cells_skips_finished_cells_reruns_unfinished_ones_and_names_a_failu
     study.run_cells([cells[0], cells[0]], tmp_path / "s", echo=False)
 
 
+def test_a_study_reuses_finished_cells_of_the_same_name_and_flags_from_other_studies(tmp_path):
+  script = tmp_path / "fake.py"
+  script.write_text(FAKE)
+  count = tmp_path / "count"
+  first = [study.Cell(n, str(script), ("--count", str(count), *f), {"seed": 0})
+           for n, f in (("a", ()), ("b", ()))]  # fmt: skip
+  study.run_cells(first, tmp_path / "one", echo=False)
+  assert count.read_text() == "xx"
+  grown = [
+    first[0],  # the same cell: copied in with its log, not run
+    study.Cell("b", str(script), ("--count", str(count), "--nan"), {"seed": 0}),  # other flags
+    study.Cell("c", str(script), ("--count", str(count)), {"seed": 1}),  # new
+  ]
+  rows = study.run_cells(grown, tmp_path / "two", echo=False, reuse=[tmp_path / "one"])
+  assert count.read_text() == "xxxx"  # b (its flags differ) and c ran, a did not
+  assert [r["diverged"] for r in rows] == [False, True, False]
+  copied = tmp_path / "two" / "cells" / "a"
+  assert (copied / study.CELL_FILE).read_text() == (
+    tmp_path / "one" / "cells" / "a" / study.CELL_FILE
+  ).read_text()
+  assert (tmp_path / "two" / "nondp" / "logs" / "a.log").is_file()
+  assert study.reusable(grown[1], [tmp_path / "one"]) is None
+  assert study.reusable(grown[0], [tmp_path / "two", tmp_path / "one"]) == copied
+  with pytest.raises(ValueError, match=r"--reuse: .* is not a study folder"):
+    study.run_cells([first[0]], tmp_path / "three", echo=False, reuse=[tmp_path / "none"])
+
+
 # A cell that says it started, then waits (up to 60 s) until every cell in --wait-for has.
 WAITING = """
 import sys, pathlib, time
@@ -262,6 +289,7 @@ def test_sweep_study_reads_no_test_set_and_plots_each_value(tmp_path):
   [
     ("dp_generator_study.py", ["--generators", "dp-vae,gan"], "--generators must be some of"),
     ("dp_generator_study.py", ["--epsilons", "inf"], "--epsilons must be finite"),
+    ("dp_sweep_study.py", ["--reuse", "no/such/study"], "--reuse must name study folders"),
     ("dp_sweep_study.py", ["--sweep", "clip", "--values", "0,1"], "clip norms must be numbers"),
     ("dp_sweep_study.py", ["--sweep", "activation", "--values", "relu,sin"],
      "activations must be of"),

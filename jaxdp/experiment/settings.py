@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from pathlib import Path
 from typing import Any, ClassVar
 
 from jaxdp import _validate, accounting, data, optim, parallel
@@ -242,6 +243,13 @@ class StudySettings(Settings):
   parallel: int = option(1, "cells run at once, each its own process (a cell keeps about one "
                             "CPU core busy: 2 on the 2-core CPU halves the wall time)",
                          check="positive_int")  # fmt: skip
+  reuse: tuple[str, ...] = option((), "other study folders whose finished cells of the same "
+                                      "name and flags are copied in, not run again")  # fmt: skip
+
+  def check(self) -> None:
+    bad = [f for f in self.reuse if not (Path(f) / "cells").is_dir()]
+    if bad:
+      raise ValueError(f"--reuse must name study folders (with cells/ inside), got {bad}")
 
   def cell_flags(self) -> tuple[str, ...]:
     """The flags every cell gets: data, delta, ``cell_args``, and the run settings that

@@ -22,7 +22,9 @@ the COMPOSITION of the cells' ledgers: :func:`study_ledger` builds it, and the s
 own ``nondp/``, and the study copies them only into its own ``nondp/``.
 
 Resumable: a cell whose ``study_cell.json`` exists is read, not rerun; a cell that did not
-finish is deleted and run again.
+finish is deleted and run again. Reusable: a finished cell of another study folder with the
+same name, script and flags is copied in (``reuse``) instead of run again, so a study can
+grow from one seed to three, or join the cells of studies run apart, without rerunning any.
 """
 
 from __future__ import annotations
@@ -90,6 +92,34 @@ class Cell:
             "--name", self.name, "--no-progress"]  # fmt: skip
 
 
+def reusable(cell: Cell, folders: Sequence[Path]) -> Path | None:
+  """The first finished run of ``cell`` in the study folders ``folders``: a cell folder of
+  the same name whose ``study_cell.json`` records the same script (file name) and flags;
+  None if there is none.
+
+  Raises:
+    ValueError: a folder is not a study folder (no ``cells/``).
+  """
+  for folder in map(Path, folders):
+    if not (folder / "cells").is_dir():
+      raise ValueError(f"--reuse: {folder} is not a study folder (no cells/ inside)")
+    marker = folder / "cells" / cell.name / CELL_FILE
+    if marker.is_file():
+      # [script, *flags, "--out", dir, "--name", name, "--no-progress"]: see Cell.command
+      command = json.loads(marker.read_text())["command"]
+      if Path(command[0]).name == Path(cell.script).name and command[1:-5] == list(cell.flags):
+        return marker.parent
+  return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:  # a hard link on one file system: no second copy of the synthetic sets (nothing
+    # rewrites a finished cell's files: a rerun deletes the folder first)
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
 def run_cells(
   cells: Sequence[Cell],
   folder: Path,
@@ -98,6 +128,7 @@ def run_cells(
   env: Mapping[str, str] | None = None,
   echo: bool = True,
   parallel: int = 1,
+  reuse: Sequence[Path] = (),
 ) -> list[dict[str, Any]]:
   """Runs every cell not yet finished (one process each, up to ``parallel`` at once);
   returns one row per cell, in the order of ``cells``.
@@ -113,6 +144,9 @@ def run_cells(
       side by side took 1215-1264 s each, an earlier one alone 1229 s: a cell keeps about
       one core busy, so two at once halve a study's wall time there. With more than one,
       the cells' JAX does not pre-allocate accelerator memory (they share it).
+    reuse: other study folders; a cell not finished here but finished there with the same
+      name, script and flags (:func:`reusable`) is copied in with its log, not run. Its
+      noise and release are that run's: the study's ledger composes it like any other cell.
 
   Returns:
     :func:`read_cell` of each cell, with ``tags`` merged in and ``process_time_s``.
@@ -131,12 +165,22 @@ def run_cells(
   if parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   failed = threading.Event()
+  todo = [c for c in cells if not (cells_dir / c.name / CELL_FILE).is_file()]
+  sources = {c.name: reusable(c, reuse) for c in todo}
 
   def run_one(i: int, cell: Cell) -> None:
     run_dir = cells_dir / cell.name
     if (run_dir / CELL_FILE).is_file() or failed.is_set():
       return
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell runs again from scratch
+    if (source := sources.get(cell.name)) is not None:
+      shutil.copytree(source, run_dir, symlinks=True, copy_function=_link_or_copy)
+      log = source.parents[1] / NONDP / "logs" / f"{cell.name}.log"
+      if log.is_file():
+        shutil.copy2(log, logs / log.name)
+      if echo:
+        print(f"[{i}/{len(cells)}] {cell.name}: read from {source}", flush=True)
+      return
     command = cell.command(cells_dir, python)
     if echo:
       print(f"[{i}/{len(cells)}] {cell.name}: {' '.join(command[1:])}", flush=True)
