@@ -344,14 +344,21 @@ def pytest_configure(config):
   experiments' steps, the engines on the same tiny model) compile it once, and a second run
   of the suite reuses it all. Entries are keyed by the program, options and versions."""
   default = Path(__file__).resolve().parents[1] / ".jax_cache"
-  cache = os.environ.get("JAXDP_TEST_JAX_CACHE") or str(default)
-  jax.config.update("jax_compilation_cache_dir", cache)
+  settings = {
+    "jax_compilation_cache_dir": os.environ.get("JAXDP_TEST_JAX_CACHE") or str(default),
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
   # The tests' programs are tiny: XLA's optimisation passes cost more than they save (the
   # engine tests run 2x faster without them). JAXDP_TEST_OPTIMIZE=1 keeps them.
   if os.environ.get("JAXDP_TEST_OPTIMIZE") != "1":
-    jax.config.update("jax_disable_most_optimizations", True)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    settings["jax_disable_most_optimizations"] = True
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    # The same for the subprocesses (the studies' cells, the multi-device run, the
+    # benchmark workers), which JAX configures from the environment: a study's cells then
+    # compile their shared programs once, unoptimised, instead of each its own, optimised.
+    os.environ.setdefault(name.upper(), str(value))
   # Cached features (the ScatterNet transform of each split) in a folder of this session,
   # never the user's ~/.cache; subprocesses (the studies' cells) inherit it.
   if "JAXDP_CACHE_DIR" not in os.environ:
