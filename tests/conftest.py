@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -319,6 +322,36 @@ def make_problem(name: str, batch_size: int = 12, seed: int = 0):
 @pytest.fixture
 def problem():
   return make_problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One call seen by :func:`spy`: its arguments by parameter name, and what it returned."""
+
+  arguments: dict[str, Any]
+  result: Any
+
+
+@pytest.fixture
+def spy(monkeypatch):
+  """``spy(owner, name)`` wraps ``owner.name`` for the test: the original still runs, and
+  each call is appended, as a :class:`Call`, to the list it returns. Tests read which data a
+  script's library tasks received (``spy(tasks, "fit")``) without changing what they do."""
+
+  def install(owner: Any, name: str) -> list[Call]:
+    calls: list[Call] = []
+    original = getattr(owner, name)
+    signature = inspect.signature(original)
+
+    def wrapper(*args, **kwargs):
+      result = original(*args, **kwargs)
+      calls.append(Call(dict(signature.bind(*args, **kwargs).arguments), result))
+      return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+  return install
 
 
 def tiny_vae(decoder: str = "bernoulli", groups: int = 0):

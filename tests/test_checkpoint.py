@@ -96,7 +96,7 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
   assert _same(straight.params, resumed.params)
 
 
-def test_an_experiment_killed_mid_run_resumes_to_the_straight_result(tmp_path, monkeypatch):
+def test_an_experiment_killed_mid_run_resumes_to_the_straight_result(tmp_path, monkeypatch, spy):
   """dp_classifier.py with --checkpoint-every 1, killed after the DP model's first epoch,
   then --resume: the same released model and epsilon as a straight run, and the secret
   checkpoints gone at the end."""
@@ -121,16 +121,10 @@ def test_an_experiment_killed_mid_run_resumes_to_the_straight_result(tmp_path, m
   assert (folder / "nondp" / "resume").is_dir() and not (folder / "metrics.json").exists()
   with pytest.raises(SystemExit):  # other settings than the run's
     exp.main([*args, "--resume", str(folder), "--epochs", "4"])
-  restored = {}
-  restore = Checkpointer.restore
-
-  def spy_restore(self, *a, **k):
-    out = restore(self, *a, **k)
-    restored[self.directory.name] = None if out is None else out[1]
-    return out
-
-  monkeypatch.setattr(Checkpointer, "restore", spy_restore)
+  restores = spy(Checkpointer, "restore")
   resumed = exp.main([*args, "--resume", str(folder), "--checkpoint-every", "1"])
+  restored = {c.arguments["self"].directory.name: None if c.result is None else c.result[1]
+              for c in restores}  # fmt: skip
   # The non-private model had finished (its last epoch restored), the DP one resumes at 1.
   assert restored == {"non-private": 1, "DP-SGD_eps3": 1}, restored
   (a,), (b,) = straight["models"], resumed["models"]

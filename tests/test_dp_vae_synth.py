@@ -238,27 +238,13 @@ def _image_hashes(images) -> set[bytes]:
 
 
 def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
-  exp, tmp_path, capsys, monkeypatch
+  exp, tmp_path, capsys, spy
 ):
   """A DP pipeline (noisy label counts + DP-VAE): every private use in the ledger and the
   noise calibrated to it; no array written (.npz) or plotted (image grids) holds an image of
   the training split (private, validation or public); no statistic of the training batches
   is in the released metrics."""
-  shown = []
-  plot = runs.plot_image_grids
-
-  def record(panels, path, **kwargs):
-    shown.extend(panels.values())
-    return plot(panels, path, **kwargs)
-
-  monkeypatch.setattr(runs, "plot_image_grids", record)
-  seen, fit = {}, tasks.fit
-
-  def spy(label, loss_fn, params, train_data, *a, **k):
-    seen[label] = np.asarray(train_data["image"])
-    return fit(label, loss_fn, params, train_data, *a, **k)
-
-  monkeypatch.setattr(tasks, "fit", spy)
+  grids, fits = spy(runs, "plot_image_grids"), spy(tasks, "fit")
   args = ["--dataset", "synthetic", "--quick", "--out", str(tmp_path), "--name", "q"]
   args += ["--public-pretrain-epochs", "1"]
   args += ["--train-size", "800", "--validation-size", "200", "--public-size", "300"]
@@ -267,6 +253,8 @@ def test_pipeline_accounts_every_private_use_and_releases_no_training_data(
   args += ["--target-epsilon", "4", "--images-per-class", "3", "--no-progress"]
   args += ["--num-samples", "400"]
   metrics = exp.main(args)
+  seen = {c.arguments["label"]: np.asarray(c.arguments["train_data"]["image"]) for c in fits}
+  shown = [panel for c in grids for panel in c.arguments["panels"].values()]
   out = tmp_path / "q"
   (run,) = metrics["pipelines"]
   released = ["config.json", "metrics.json", "plots/synthetic_grid.png", "plots/elbo.png"]

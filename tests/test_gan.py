@@ -231,29 +231,10 @@ def test_config_json_records_the_gradient_penalty_as_resolved_by_the_loss():
   assert explicit == {"gradient_penalty_resolved": 2.0}
 
 
-def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path, monkeypatch):
+def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path, spy):
   exp = load_script(SCRIPT)
-  seen, fit = {}, tasks.fit
-
-  def spy(label, loss_fn, params, train_data, *a, **k):
-    seen[label] = np.asarray(train_data["image"])
-    return fit(label, loss_fn, params, train_data, *a, **k)
-
-  monkeypatch.setattr(tasks, "fit", spy)
-  downstream, train_on_synthetic = {}, tasks.train_on_synthetic
-
-  def spy_downstream(label, synthetic, *a, **k):
-    downstream[label] = np.asarray(synthetic.images)
-    return train_on_synthetic(label, synthetic, *a, **k)
-
-  monkeypatch.setattr(tasks, "train_on_synthetic", spy_downstream)
-  critics, fit_gan = [], tasks.fit_gan
-
-  def spy_gan(label, generator, critic, *a, **k):
-    critics.append(critic)
-    return fit_gan(label, generator, critic, *a, **k)
-
-  monkeypatch.setattr(tasks, "fit_gan", spy_gan)
+  fits, downstreams = spy(tasks, "fit"), spy(tasks, "train_on_synthetic")
+  gans = spy(tasks, "fit_gan")
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--batch-size", "200", "--num-samples", "500", "--critic-steps", "2"]
@@ -263,8 +244,12 @@ def test_quick_run_charges_each_critic_step_once_and_writes_its_folder(tmp_path,
   flags += ["--mode-seeking", "1", "--public-pretrain-epochs", "1", "--loss", "wasserstein"]
   flags += ["--out", str(tmp_path), "--name", "g"]
   metrics = exp.main(flags)
+  # the images each fit and each downstream classifier received, by label
+  seen = {c.arguments["label"]: np.asarray(c.arguments["train_data"]["image"]) for c in fits}
+  downstream = {c.arguments["label"]: np.asarray(c.arguments["synthetic"].images)
+                for c in downstreams}  # fmt: skip
   # The DP-WGAN (weight clipping): its critic is built without the per-class score bias.
-  assert [c.class_bias for c in critics] == [False]
+  assert [c.arguments["critic"].class_bias for c in gans] == [False]
   out = tmp_path / "g"
   for name in ("config.json", "metrics.json", "plots/synthetic_grid.png",
                "plots/generator_loss.png"):  # fmt: skip

@@ -58,24 +58,16 @@ def test_latent_vae_loss_and_samples():
   assert float(value) > float(aux["reconstruction"])  # the KL term is in the loss
 
 
-def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypatch):
+def fitted_data(fits) -> dict[str, np.ndarray]:
+  """The images (autoencoder) or codes (latent generators) each ``tasks.fit`` call trained
+  on, by its label."""
+  data = {c.arguments["label"]: c.arguments["train_data"] for c in fits}
+  return {label: np.asarray(d.get("image", d.get("code"))) for label, d in data.items()}
+
+
+def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, spy):
   exp = load_script(SCRIPT)
-  seen: dict[str, np.ndarray] = {}
-  fit = tasks.fit
-
-  def spy(label, loss_fn, params, train_data, *args, **kwargs):
-    seen[label] = np.asarray(train_data.get("image", train_data.get("code")))
-    return fit(label, loss_fn, params, train_data, *args, **kwargs)
-
-  monkeypatch.setattr(tasks, "fit", spy)
-  splits_of = tasks.load_data
-  loaded = {}
-
-  def keep(cfg, *args, **kwargs):
-    loaded["splits"] = splits_of(cfg, *args, **kwargs)
-    return loaded["splits"]
-
-  monkeypatch.setattr(tasks, "load_data", keep)
+  fits, loads = spy(tasks, "fit"), spy(tasks, "load_data")
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--ae-epochs", "2", "--batch-size", "200", "--num-samples", "500"]
@@ -83,7 +75,8 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   flags += ["--hidden", "32", "--out", str(tmp_path), "--name", "l"]
   flags += ["--public-pretrain-epochs", "1"]
   metrics = exp.main(flags)
-  splits = loaded["splits"]
+  seen = fitted_data(fits)
+  (splits,) = [c.result for c in loads]
   private = {row.tobytes() for row in np.asarray(splits.private.images)}
   public = np.asarray(splits.public.images)
   assert not any(row.tobytes() in private for row in public)  # disjoint sets
@@ -108,25 +101,9 @@ def test_the_public_autoencoder_never_sees_a_private_example(tmp_path, monkeypat
   assert 0.0 <= mixed["test_accuracy"] <= 1.0
 
 
-def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_once(
-  tmp_path, monkeypatch
-):
+def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_once(tmp_path, spy):
   exp = load_script(SCRIPT)
-  seen: dict[str, np.ndarray] = {}
-  fit = tasks.fit
-
-  def spy(label, loss_fn, params, train_data, *args, **kwargs):
-    seen[label] = np.asarray(train_data.get("image", train_data.get("code")))
-    return fit(label, loss_fn, params, train_data, *args, **kwargs)
-
-  monkeypatch.setattr(tasks, "fit", spy)
-  critics, fit_gan = [], tasks.fit_gan
-
-  def spy_gan(label, generator, critic, *args, **kwargs):
-    critics.append(critic)
-    return fit_gan(label, generator, critic, *args, **kwargs)
-
-  monkeypatch.setattr(tasks, "fit_gan", spy_gan)
+  fits, gans = spy(tasks, "fit"), spy(tasks, "fit_gan")
   flags = ["--dataset", "synthetic", "--quick", "--no-progress", "--train-size", "800"]
   flags += ["--validation-size", "300", "--public-size", "300", "--epochs", "2"]
   flags += ["--ae-epochs", "2", "--batch-size", "200", "--num-samples", "500"]
@@ -134,8 +111,9 @@ def test_the_latent_gan_pretrains_on_public_codes_and_charges_each_critic_step_o
   flags += ["--hidden", "32", "--out", str(tmp_path), "--name", "g", "--generator", "gan"]
   flags += ["--public-pretrain-epochs", "1", "--critic-steps", "2"]
   metrics = exp.main(flags)
+  seen = fitted_data(fits)
   # The logistic loss keeps the per-class score bias: each class's real-vs-fake log-odds.
-  assert [c.class_bias for c in critics] == [True]
+  assert [c.arguments["critic"].class_bias for c in gans] == [True]
   (p,) = metrics["pipelines"]
   critic = p["generator"]
   assert critic["steps"] == 2 * round(1 / critic["sampling_prob"]) == 8

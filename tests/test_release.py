@@ -52,29 +52,18 @@ def test_same_seed_draws_new_noise_unless_insecure_reproducible(classifier, tmp_
 
 
 @pytest.mark.parametrize("insecure", [False, True])
-def test_sweep_jobs_never_share_noise_or_batches(classifier, tmp_path, monkeypatch, insecure):
+def test_sweep_jobs_never_share_noise_or_batches(classifier, tmp_path, spy, insecure):
   """Every model of a sweep gets its own noise key and sampler seed, in both modes (two
   models noised with one z give (sigma_B g_A - sigma_A g_B) / (sigma_B - sigma_A), the
   noiseless sum)."""
-  drawn: dict[str, bytes] = {}
-  key, seed = keys_lib.KeySource.key, keys_lib.KeySource.seed
-
-  def record_key(self, name):
-    out = key(self, name)
-    drawn[name] = np.asarray(keys_lib.jax.random.key_data(out)).tobytes()
-    return out
-
-  def record_seed(self, name):
-    out = seed(self, name)
-    drawn[name] = out.generate_state(4).tobytes()
-    return out
-
-  monkeypatch.setattr(keys_lib.KeySource, "key", record_key)
-  monkeypatch.setattr(keys_lib.KeySource, "seed", record_seed)
+  keys, seeds = spy(keys_lib.KeySource, "key"), spy(keys_lib.KeySource, "seed")
   flags = ["--insecure-reproducible-noise"] if insecure else []
   args = [*TINY, "--no-baseline", "--epochs", "1", "--epsilons", "2,8", "--accountant", "rdp"]
   args += ["--out", str(tmp_path), *flags]
   metrics = classifier.main(args)
+  drawn = {c.arguments["name"]: np.asarray(keys_lib.jax.random.key_data(c.result)).tobytes()
+           for c in keys}  # fmt: skip
+  drawn |= {c.arguments["name"]: c.result.generate_state(4).tobytes() for c in seeds}
   names = {"DP-SGD eps=2/noise", "DP-SGD eps=8/noise", "DP-SGD eps=2/batches"}
   assert names | {"DP-SGD eps=8/batches"} <= set(drawn)
   assert len(set(drawn.values())) == len(drawn)  # no two uses share randomness
