@@ -77,3 +77,36 @@ def test_quick_mode_overwrites_and_never_merges(tmp_path: Path) -> None:
   collector = harness.Collector(_plan(tmp_path, mode="quick"))
   collector.add(_result("jaxdp_private", 3.0))
   assert sorted(_rows(path)) == ["jaxdp_private"]
+
+
+def test_the_report_marks_each_ratio_that_misses_its_target() -> None:
+  """The ratio table shows the shortfall: a ratio below its speed target or above its memory
+  target carries the mark, one that meets it does not; the GPU's memory target is its own."""
+  from benchmarks import report
+
+  def row(impl: str, rate: float, temp: int, batch: int = 256, device: str = "cpu") -> dict:
+    return {"model": "mlp", "batch": batch, "impl": impl, "device": device,
+            "examples_per_s": rate, "min": rate, "max": rate, "xla_temp_bytes": temp,
+            "peak_mem_bytes": 1}  # fmt: skip
+
+  def ratios(md: str, batch: int) -> list[str]:
+    (line,) = [x for x in md.splitlines() if x.startswith(f"| {batch} |") and "x" in x]
+    return [c.strip() for c in line.strip("|").split("|")][3:9]
+
+  # batch 256 misses every target: Opacus 1.5x (< 2), non-private 0.8x (< 0.85), PyTorch
+  # 0.9x (< 1), XLA temp 1.6x (> 1.5); batch 1024 meets them all.
+  rows = [row("jaxdp_private", 80, 16), row("opacus_ghost", 53.3, 0),
+          row("jaxdp_nonprivate", 100, 10), row("torch_nonprivate", 111.1, 0)]  # fmt: skip
+  big = 1024
+  rows += [row("jaxdp_private", 200, 14, big), row("opacus_ghost", 100, 0, big),
+           row("jaxdp_nonprivate", 220, 10, big), row("torch_nonprivate", 200, 0, big)]  # fmt: skip
+  md = report.markdown(rows)
+  missed = report.MISSED.strip()
+  low = ratios(md, 256)
+  assert [low[0], low[1], low[4], low[5]] == ["1.50x " + missed, "0.80x " + missed,
+                                              "0.90x " + missed, "1.60x " + missed]  # fmt: skip
+  high = ratios(md, 1024)
+  assert [high[0], high[1], high[4], high[5]] == ["2.00x", "0.91x", "1.10x", "1.40x"]
+  assert "<= 1.5x" in md
+  gpu = [{**r, "device": "gpu"} for r in rows]  # 1.6x meets the GPU's 2x
+  assert ratios(report.markdown(gpu), 256)[5] == "1.60x" and "<= 2x" in report.markdown(gpu)
