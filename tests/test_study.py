@@ -150,6 +150,14 @@ def test_a_study_reuses_finished_cells_of_the_same_name_and_flags_from_other_stu
   assert (tmp_path / "two" / "nondp" / "logs" / "a.log").is_file()
   assert study.reusable(grown[1], [tmp_path / "one"]) is None
   assert study.reusable(grown[0], [tmp_path / "two", tmp_path / "one"]) == copied
+  marker = tmp_path / "one" / "cells" / "b" / study.CELL_FILE
+  info = json.loads(marker.read_text())
+  assert (info["script"], info["flags"]) == ("fake.py", ["--count", str(count)])
+  # a cell written before the script and flags were recorded: read from its command line
+  del info["script"], info["flags"]
+  marker.write_text(json.dumps(info))
+  assert study.reusable(first[1], [tmp_path / "one"]) == marker.parent
+  assert study.reusable(grown[1], [tmp_path / "one"]) is None
   with pytest.raises(ValueError, match=r"--reuse: .* is not a study folder"):
     study.run_cells([first[0]], tmp_path / "three", echo=False, reuse=[tmp_path / "none"])
 

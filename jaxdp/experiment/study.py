@@ -11,7 +11,7 @@ complete run folder::
       cells.csv, summary.csv        one row per cell; mean / std / min / max over seeds
       plots/*.png                   utility and FID against the swept value; image grids
       cells/<cell>/                 each cell's own run folder (its own nondp/ inside)
-      cells/<cell>/study_cell.json  the cell's command, tags and process wall time
+      cells/<cell>/study_cell.json  the cell's command, script, flags, tags and wall time
       nondp/logs/<cell>.log         each cell's console output (not released)
 
 Privacy: every cell draws its own secret noise and batches (nothing is shared between cells,
@@ -104,12 +104,22 @@ def reusable(cell: Cell, folders: Sequence[Path]) -> Path | None:
     if not (folder / "cells").is_dir():
       raise ValueError(f"--reuse: {folder} is not a study folder (no cells/ inside)")
     marker = folder / "cells" / cell.name / CELL_FILE
-    if marker.is_file():
-      # [script, *flags, "--out", dir, "--name", name, "--no-progress"]: see Cell.command
-      command = json.loads(marker.read_text())["command"]
-      if Path(command[0]).name == Path(cell.script).name and command[1:-5] == list(cell.flags):
-        return marker.parent
+    if marker.is_file() and _script_and_flags(json.loads(marker.read_text())) == (
+      Path(cell.script).name,
+      list(cell.flags),
+    ):
+      return marker.parent
   return None
+
+
+def _script_and_flags(info: Mapping[str, Any]) -> tuple[str, list[str]]:
+  """A finished cell's script (file name) and flags, from its ``study_cell.json``. Cells
+  written before these were recorded on their own give them through their command line,
+  ``[script, *flags, "--out", dir, "--name", name, "--no-progress"]`` (:meth:`Cell.command`)."""
+  if "flags" in info:
+    return info["script"], list(info["flags"])
+  command = info["command"]
+  return Path(command[0]).name, list(command[1:-5])
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -192,8 +202,8 @@ def run_cells(
       raise CellError(
         f"study cell {cell.name} failed (exit {proc.returncode}); see {logs / cell.name}.log"
       )
-    info = {"command": command[1:], "tags": dict(cell.tags),
-            "process_time_s": time.perf_counter() - t0}  # fmt: skip
+    info = {"command": command[1:], "script": Path(cell.script).name, "flags": list(cell.flags),
+            "tags": dict(cell.tags), "process_time_s": time.perf_counter() - t0}  # fmt: skip
     (run_dir / CELL_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if echo:
       row = read_cell(run_dir)
